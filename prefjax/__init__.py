@@ -1,0 +1,3 @@
+"""prefjax: preference optimization for language models in JAX/Flax."""
+
+__version__ = "0.1.0"
