@@ -1,0 +1,98 @@
+"""Loss registry: `get(name, **hparams)` validates hyperparameters and binds them to a pure loss."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+# re-exported functions shadow their same-named modules (prefjax.losses.dpo is the function);
+# import submodules' helpers with `from prefjax.losses.dpo import ...`
+from prefjax.losses.dpo import (
+    cdpo,
+    check_cdpo,
+    check_cpo,
+    check_dpo,
+    check_ipo,
+    check_orpo,
+    check_simpo,
+    cpo,
+    dpo,
+    dpo_loss_from_logps,
+    ipo,
+    orpo,
+    simpo,
+)
+from prefjax.losses.mpo import check_mpo, mpo, mpo_terms, pair_kl
+from prefjax.losses.p3o import check_p3o, p3o, p3o_loss_from_logps
+from prefjax.losses.ppo import (
+    check_ppo,
+    gae,
+    kl_penalty,
+    kl_shaped_rewards,
+    ppo,
+    rollout_metrics,
+    whiten,
+)
+from prefjax.losses.reward import bt_loss, check_reward_bt, reward_bt
+from prefjax.losses.sft import check_sft, sft, sft_nll
+from prefjax.typing import LossFn
+
+# name -> (loss, check): check(hparams with defaults filled) raises ValueError naming the field
+_REGISTRY: dict[str, tuple[Callable, Callable[[dict], None]]] = {
+    "sft": (sft, check_sft),
+    "reward_bt": (reward_bt, check_reward_bt),
+    "dpo": (dpo, check_dpo),
+    "ipo": (ipo, check_ipo),
+    "cdpo": (cdpo, check_cdpo),
+    "simpo": (simpo, check_simpo),
+    "cpo": (cpo, check_cpo),
+    "orpo": (orpo, check_orpo),
+    "mpo": (mpo, check_mpo),
+    "ppo": (ppo, check_ppo),
+    "p3o": (p3o, check_p3o),
+}
+
+
+def names() -> list[str]:
+    """The registered loss names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def defaults(name: str) -> dict:
+    """The hyperparameters of loss `name` with their default values."""
+    fn, _ = _lookup(name)
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _lookup(name: str) -> tuple[Callable, Callable[[dict], None]]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def get(name: str, **hparams) -> LossFn:
+    """`loss(out, batch) -> (loss, metrics)` with `hparams` bound, checked now (not at step 1).
+
+    Raises ValueError for an unknown name, an unknown hyperparameter or a bad value, naming it.
+    """
+    fn, check = _lookup(name)
+    known = defaults(name)
+    unknown = sorted(set(hparams) - set(known))
+    if unknown:
+        raise ValueError(f"loss {name!r} has no hyperparameter(s) {', '.join(unknown)}; "
+                         f"valid: {', '.join(sorted(known))}")
+    full = {**known, **hparams}
+    if isinstance(full.get("loss_type"), list):
+        full["loss_type"] = tuple(full["loss_type"])
+    check(full)
+    return functools.partial(fn, **full)
+
+
+__all__ = [
+    "bt_loss", "cdpo", "cpo", "defaults", "dpo", "dpo_loss_from_logps", "gae", "get", "ipo",
+    "kl_penalty", "kl_shaped_rewards", "mpo", "mpo_terms", "names", "orpo", "p3o",
+    "p3o_loss_from_logps", "pair_kl", "ppo", "reward_bt", "rollout_metrics", "sft", "sft_nll",
+    "simpo", "whiten",
+]

@@ -1,0 +1,111 @@
+"""KV cache for decoding, and the masked causal attention every prefjax decoder shares."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for `max_len` slots (a pytree; jit/donate it as a whole).
+
+    k, v:  [layers, b, max_len, kv_heads, head_dim] in the model's compute dtype.
+    mask:  int32 [b, max_len]; 1 where a slot holds a real token (padding and unwritten slots: 0).
+    index: int32 scalar; the next slot to write (all rows advance together).
+
+    A forward with `cache=` writes its t new tokens at slots `index..index+t-1`, records their
+    attention_mask there, lets each new token attend causally to every earlier slot whose mask
+    is 1 (and to itself), and returns the cache with `index + t`. Writing past `max_len` is an
+    error when `index` is concrete; under jit it is the caller's job (XLA would clamp silently).
+    """
+
+    k: Array
+    v: Array
+    mask: Array
+    index: Array
+
+    @classmethod
+    def init(cls, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+             dtype=jnp.float32) -> KVCache:
+        """An empty cache (all slots free, index 0)."""
+        shape = (layers, batch, max_len, kv_heads, head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   mask=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.mask.shape[1]
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+    """`cumsum(mask) - 1` clipped at 0: [b, t] int32; right and left padding both work."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def check_room(cache: KVCache, t: int) -> None:
+    """Raise when `t` new tokens do not fit after a concrete `cache.index` (no-op under jit)."""
+    try:
+        index = int(cache.index)
+    except (jax.errors.ConcretizationTypeError, TypeError):
+        return
+    if index + t > cache.max_len:
+        raise ValueError(
+            f"KV cache overflow: writing {t} tokens at slot {index} needs {index + t} slots but "
+            f"the cache has max_len={cache.max_len}; make it larger with init_cache(b, max_len)")
+
+
+def extend_mask(cache: KVCache, attention_mask: Array) -> tuple[Array, Array]:
+    """(key mask [b, max_len] with the new tokens recorded, positions [b, t] of the new tokens).
+
+    Positions continue the count of real tokens already cached, so a left-padded prompt
+    followed by one-token decode steps gets 0, 1, 2, ... on its real tokens.
+    """
+    m = attention_mask.astype(jnp.int32)
+    key_mask = jax.lax.dynamic_update_slice(cache.mask, m, (0, cache.index))
+    before = jnp.sum(jnp.where(jnp.arange(cache.max_len) < cache.index, cache.mask, 0), axis=1)
+    pos = jnp.maximum(before[:, None] + jnp.cumsum(m, axis=1) - 1, 0)
+    return key_mask, pos
+
+
+def write(buf: Array, new: Array, index: Array) -> Array:
+    """One layer's cache `[b, max_len, k, d]` with `new` `[b, t, k, d]` written at slot `index`."""
+    return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, index, 0, 0))
+
+
+def causal_allowed(key_mask: Array, q_start: Array | int, t: int,
+                   window: int | None = None) -> Array:
+    """bool [b, t, s]: query i (at slot q_start + i) may see key slot j.
+
+    Causal (j <= slot of i), key real (key_mask[b, j] == 1) and, with a sliding `window`,
+    j > slot - window (the query itself plus window - 1 earlier slots, as HF's Mistral).
+    Distances are in slots, which equal token distances for contiguous (left- or right-padded)
+    rows.
+    """
+    s = key_mask.shape[1]
+    q = q_start + jnp.arange(t)[:, None]
+    kpos = jnp.arange(s)[None, :]
+    ok = kpos <= q
+    if window is not None:
+        ok = ok & (kpos > q - window)
+    return ok[None] & (key_mask[:, None, :] != 0)
+
+
+def attend(q: Array, k: Array, v: Array, allowed: Array, scale: float) -> Array:
+    """Grouped-query attention: q [b, t, h, d], k/v [b, s, kh, d], allowed bool [b, t, s].
+
+    Returns [b, t, h, d] in v's dtype. Scores and softmax are float32. Disallowed scores get
+    the most negative finite float, so a query with no visible key (a padding row) averages
+    uniformly and stays finite instead of producing NaN.
+    """
+    b, t, h, d = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, h // kh, d)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(allowed[:, None, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v)
+    return o.reshape(b, t, h, -1)

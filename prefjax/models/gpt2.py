@@ -1,0 +1,347 @@
+"""GPT-2 decoder in Flax NNX (learned positions, pre-LayerNorm, GELU MLP, tied head) + HF hooks.
+
+Parameters are `param_dtype` masters in `[in, out]` layout with logical axis names; compute runs
+in `dtype` with LayerNorm statistics, attention softmax and logits in float32.
+
+HF fuses q/k/v into one Conv1D `c_attn` ([d, 3d]). Here they are three separate kernels
+`attn.q/k/v` (`('embed', 'heads')`), split on load and concatenated on save: a fused kernel
+sharded over 'heads' would cut across the q|k|v boundary instead of across heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prefjax.models import cache as kvc
+from prefjax.models.cache import KVCache
+from prefjax.models.llama import Dense
+
+Array = jax.Array
+_ACTIVATIONS = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True, "gelu": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """Hyperparameters of a GPT-2 decoder (hashable: it is static model structure)."""
+
+    vocab_size: int
+    hidden_size: int  # HF n_embd
+    num_layers: int  # n_layer
+    num_heads: int  # n_head
+    intermediate_size: int | None = None  # n_inner; None: 4 * hidden_size
+    max_position_embeddings: int = 1024  # n_positions
+    layer_norm_eps: float = 1e-5
+    activation: str = "gelu_new"
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    model_type: str = "gpt2"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.intermediate_size is None:
+            object.__setattr__(self, "intermediate_size", 4 * self.hidden_size)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size (n_embd)={self.hidden_size} is not a multiple of "
+                             f"num_heads (n_head)={self.num_heads}")
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation_function {self.activation!r} is not supported; use one "
+                             f"of {sorted(_ACTIVATIONS)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> GPT2Config:
+        """From a HF GPT-2 config.json dict."""
+        if d.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"model_type {d['model_type']!r} is not 'gpt2'")
+        if d.get("add_cross_attention", False):
+            raise ValueError("add_cross_attention=True (encoder-decoder GPT-2) is not supported")
+        return cls(vocab_size=d["vocab_size"], hidden_size=d["n_embd"], num_layers=d["n_layer"],
+                   num_heads=d["n_head"], intermediate_size=d.get("n_inner"),
+                   max_position_embeddings=d.get("n_positions", 1024),
+                   layer_norm_eps=d.get("layer_norm_epsilon", 1e-5),
+                   activation=d.get("activation_function", "gelu_new"),
+                   scale_attn_weights=bool(d.get("scale_attn_weights", True)),
+                   scale_attn_by_inverse_layer_idx=bool(
+                       d.get("scale_attn_by_inverse_layer_idx", False)),
+                   tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+                   initializer_range=d.get("initializer_range", 0.02),
+                   bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+                   pad_token_id=d.get("pad_token_id"))
+
+    def to_hf(self, model_type: str | None = None) -> dict[str, Any]:
+        """A config.json dict that transformers loads as GPT2LMHeadModel."""
+        if (model_type or "gpt2") != "gpt2":
+            raise ValueError(f"cannot export a GPT-2 config as {model_type!r}")
+        return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2",
+                    vocab_size=self.vocab_size, n_embd=self.hidden_size, n_layer=self.num_layers,
+                    n_head=self.num_heads, n_inner=self.intermediate_size,
+                    n_positions=self.max_position_embeddings,
+                    layer_norm_epsilon=self.layer_norm_eps, activation_function=self.activation,
+                    scale_attn_weights=self.scale_attn_weights,
+                    scale_attn_by_inverse_layer_idx=self.scale_attn_by_inverse_layer_idx,
+                    tie_word_embeddings=self.tie_word_embeddings,
+                    initializer_range=self.initializer_range, bos_token_id=self.bos_token_id,
+                    eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                    dtype="float32")
+
+
+def _param(value, names) -> nnx.Param:
+    # Built without a mesh; placement follows the logical names (prefjax.parallel) later.
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class LayerNorm(nnx.Module):
+    """(x - mean) / std * scale + bias with float32 statistics, output in x's dtype."""
+
+    def __init__(self, d: int, eps: float, *, param_dtype):
+        self.scale = _param(jnp.ones((d,), param_dtype), ("norm",))
+        self.bias = _param(jnp.zeros((d,), param_dtype), ("norm",))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        mu = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mu), axis=-1, keepdims=True)
+        y = (x32 - mu) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: GPT2Config, layer: int, **kw):
+        d = cfg.hidden_size
+        self.q = Dense(d, d, ("embed", "heads"), bias=True, **kw)
+        self.k = Dense(d, d, ("embed", "heads"), bias=True, **kw)
+        self.v = Dense(d, d, ("embed", "heads"), bias=True, **kw)
+        self.o = Dense(d, d, ("heads", "embed"), bias=True, **kw)
+        self.head_dim = cfg.head_dim
+        scale = cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
+        self.scale = scale / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
+
+    def __call__(self, x, allowed, kv, index):
+        b, t, _ = x.shape
+        split = lambda y: y.reshape(b, t, -1, self.head_dim)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        if kv is not None:  # attend over the whole cache buffer with the new tokens written in
+            k, v = kvc.write(kv[0], k, index), kvc.write(kv[1], v, index)
+        a = kvc.attend(q, k, v, allowed, self.scale)
+        return self.o(a.reshape(b, t, -1)), (k, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPT2Config, **kw):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.fc = Dense(d, f, ("embed", "mlp"), bias=True, **kw)
+        self.proj = Dense(f, d, ("mlp", "embed"), bias=True, **kw)
+        self.tanh = _ACTIVATIONS[cfg.activation]
+
+    def __call__(self, x):
+        return self.proj(jax.nn.gelu(self.fc(x), approximate=self.tanh))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPT2Config, layer: int, **kw):
+        eps, pd = cfg.layer_norm_eps, kw["param_dtype"]
+        self.ln_1 = LayerNorm(cfg.hidden_size, eps, param_dtype=pd)
+        self.attn = Attention(cfg, layer, **kw)
+        self.ln_2 = LayerNorm(cfg.hidden_size, eps, param_dtype=pd)
+        self.mlp = MLP(cfg, **kw)
+
+    def __call__(self, x, allowed, kv, index):
+        a, kv = self.attn(self.ln_1(x), allowed, kv, index)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), kv
+
+
+def _run_block(block, x, allowed, kv, index):
+    return block(x, allowed, kv, index)
+
+
+class GPT2(nnx.Module):
+    """GPT-2 decoder following the prefjax model interface contract."""
+
+    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, remat: bool = False):
+        c = config
+        self.config, self.dtype, self.remat = c, dtype, remat
+        init = nnx.initializers.normal(c.initializer_range)
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=c.initializer_range)
+        self.wte = _param(init(rngs.params(), (c.vocab_size, c.hidden_size), param_dtype),
+                          ("vocab", "embed"))
+        self.wpe = _param(init(rngs.params(), (c.max_position_embeddings, c.hidden_size),
+                               param_dtype), ("pos", "embed"))
+        self.layers = nnx.List([Block(c, i, **kw) for i in range(c.num_layers)])
+        self.ln_f = LayerNorm(c.hidden_size, c.layer_norm_eps, param_dtype=param_dtype)
+        self.lm_head = None if c.tie_word_embeddings else Dense(
+            c.hidden_size, c.vocab_size, ("embed", "vocab"), bias=False, **kw)
+
+    def _check_positions(self, t: int, positions: Array | None) -> None:
+        n = self.config.max_position_embeddings
+        if t > n:  # mask-derived positions reach t - 1
+            raise ValueError(f"GPT-2 input has {t} tokens but the model has only n_positions={n} "
+                             "learned positions; truncate the sequence")
+        if positions is None:
+            return
+        try:
+            hi = int(jnp.max(positions))
+        except (jax.errors.ConcretizationTypeError, TypeError):
+            return  # traced under jit: cannot check here
+        if hi >= n:
+            raise ValueError(f"GPT-2 position {hi} is beyond n_positions={n} (positions must "
+                             f"be < {n})")
+
+    def hidden_states(self, input_ids: Array, attention_mask: Array | None = None, *,
+                      positions: Array | None = None, cache: KVCache | None = None
+                      ) -> tuple[Array, KVCache | None]:
+        """Final-LayerNormed hidden states [b, t, d] (compute dtype) and the cache (or None).
+
+        Positions past n_positions raise when they are concrete (no jit, or t > n_positions);
+        under jit explicit positions are not checked and the embedding gather would clamp.
+        """
+        b, t = input_ids.shape
+        self._check_positions(t, positions)
+        mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
+        if cache is None:
+            key_mask, start, index = mask, 0, None
+            pos = kvc.positions_from_mask(mask)
+        else:
+            kvc.check_room(cache, t)
+            key_mask, pos = kvc.extend_mask(cache, mask)
+            start = index = cache.index
+        pos = pos if positions is None else positions
+        allowed = kvc.causal_allowed(key_mask, start, t)
+        run = nnx.remat(_run_block) if self.remat else _run_block
+        x = jnp.take(self.wte[...], input_ids, axis=0) + jnp.take(self.wpe[...], pos, axis=0)
+        x = x.astype(self.dtype)
+        ks, vs = [], []
+        for i, block in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, (k, v) = run(block, x, allowed, kv, index)
+            ks.append(k)
+            vs.append(v)
+        if cache is not None:
+            cache = KVCache(jnp.stack(ks), jnp.stack(vs), key_mask, cache.index + t)
+        return self.ln_f(x), cache
+
+    def unembed(self) -> Array:
+        """Output projection [d, v] in the compute dtype (tied wte.T, or the lm_head kernel)."""
+        w = self.wte[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return w.astype(self.dtype)
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None, *,
+                 positions: Array | None = None, cache: KVCache | None = None):
+        """Logits float32 [b, t, v] = hidden_states @ unembed(); `(logits, cache)` with a cache."""
+        h, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions,
+                                          cache=cache)
+        logits = jnp.matmul(h, self.unembed(), preferred_element_type=jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        c = self.config
+        if max_len > c.max_position_embeddings:
+            raise ValueError(f"init_cache(max_len={max_len}) exceeds GPT-2's "
+                             f"n_positions={c.max_position_embeddings}")
+        return KVCache.init(c.num_layers, batch, max_len, c.num_heads, c.head_dim,
+                            dtype or self.dtype)
+
+
+# --- hooks for prefjax.models.hf (model_type "gpt2") ---------------------------------------------
+
+# attn.bias / attn.masked_bias: causal-mask buffers of older checkpoints; lm_head.weight: a copy
+# of wte when tied.
+HF_IGNORE = (r"\.attn\.bias$", r"\.attn\.masked_bias$", r"^lm_head\.weight$")
+
+
+def config_from_hf(d: dict[str, Any]) -> GPT2Config:
+    return GPT2Config.from_hf(d)
+
+
+def build(config: GPT2Config, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+          remat: bool = False) -> GPT2:
+    return GPT2(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
+
+
+def _layout(cfg: GPT2Config) -> list[tuple[str, tuple]]:
+    """(HF tensor name, path in nnx.state(model, nnx.Param)) for the unfused parameters.
+
+    HF's Conv1D weights are already [in, out], so nothing is transposed except lm_head.
+    """
+    out = [("transformer.wte.weight", ("wte",)), ("transformer.wpe.weight", ("wpe",)),
+           ("transformer.ln_f.weight", ("ln_f", "scale")),
+           ("transformer.ln_f.bias", ("ln_f", "bias"))]
+    for i in range(cfg.num_layers):
+        p, q = f"transformer.h.{i}.", ("layers", i)
+        for ln in ("ln_1", "ln_2"):
+            out += [(f"{p}{ln}.weight", (*q, ln, "scale")), (f"{p}{ln}.bias", (*q, ln, "bias"))]
+        for hf, ours in (("attn.c_proj", ("attn", "o")), ("mlp.c_fc", ("mlp", "fc")),
+                         ("mlp.c_proj", ("mlp", "proj"))):
+            out += [(f"{p}{hf}.weight", (*q, *ours, "kernel")),
+                    (f"{p}{hf}.bias", (*q, *ours, "bias"))]
+    return out
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], config: GPT2Config) -> dict:
+    """HF tensors (names and shapes checked by the caller) -> nested params dict."""
+    out: dict = {}
+    for name, path in _layout(config):
+        _set(out, path, tensors[name])
+    d = config.hidden_size
+    for i in range(config.num_layers):
+        w, b = (tensors[f"transformer.h.{i}.attn.c_attn.{s}"] for s in ("weight", "bias"))
+        for j, part in enumerate("qkv"):  # c_attn columns are [q | k | v]
+            _set(out, ("layers", i, "attn", part, "kernel"), w[:, j * d:(j + 1) * d])
+            _set(out, ("layers", i, "attn", part, "bias"), b[j * d:(j + 1) * d])
+    if not config.tie_word_embeddings:
+        _set(out, ("lm_head", "kernel"), tensors["lm_head.weight"].T)
+    return out
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate on the last axis; constant broadcast views (hf.py's shape probe) stay views."""
+    shape = (*parts[0].shape[:-1], sum(p.shape[-1] for p in parts))
+    firsts = {p.flat[0].item() for p in parts if p.size}
+    if len(firsts) == 1 and all(p.size and not any(p.strides) for p in parts):
+        return np.broadcast_to(parts[0][(0,) * parts[0].ndim], shape)
+    return np.concatenate(parts, axis=-1)
+
+
+def params_to_hf(model_or_state: Any, config: GPT2Config) -> dict[str, np.ndarray]:
+    """A GPT2, its nnx.State of params, or the nested pure dict -> HF tensor dict (numpy)."""
+    pure = model_or_state
+    if isinstance(pure, nnx.Module):
+        pure = nnx.state(pure, nnx.Param)
+    if isinstance(pure, nnx.State):
+        pure = pure.to_pure_dict()
+    out = {name: np.asarray(_get(pure, path)) for name, path in _layout(config)}
+    for i in range(config.num_layers):
+        attn = pure["layers"][i]["attn"]
+        for s, key in (("weight", "kernel"), ("bias", "bias")):
+            out[f"transformer.h.{i}.attn.c_attn.{s}"] = _concat(
+                [np.asarray(attn[p][key]) for p in "qkv"])
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = np.asarray(pure["lm_head"]["kernel"]).T
+    return out

@@ -1,0 +1,440 @@
+"""Llama-family decoder (Llama incl. Llama-3 RoPE scaling, Qwen2, Mistral) in Flax NNX + HF hooks.
+
+Parameters are float32 masters (`param_dtype`) in `[in, out]` layout with logical axis names;
+compute runs in `dtype` (e.g. bf16) with RMSNorm statistics, attention softmax and logits in
+float32. The four `*_hf` functions at the bottom are this family's hooks for `prefjax.models.hf`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prefjax.models import cache as kvc
+from prefjax.models.cache import KVCache
+
+Array = jax.Array
+MODEL_TYPES = ("llama", "qwen2", "mistral")
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "mistral": "MistralForCausalLM"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyperparameters of a Llama-family decoder (hashable: it is static model structure)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # "default" or "llama3"
+    rope_factor: float = 8.0  # llama3 scaling parameters (unused for "default")
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    qkv_bias: bool = False  # Qwen2: True
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # Mistral; None = full attention
+    layer_types: tuple[str, ...] | None = None  # per layer "full_attention"/"sliding_attention"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope type {self.rope_type!r} is not supported; prefjax implements "
+                             "'default' (no scaling) and 'llama3'")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.layer_types is not None and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                             f"{self.num_layers} layers")
+
+    def window(self, layer: int) -> int | None:
+        """Sliding-window size of `layer` (None = full causal attention)."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
+        """From a HF config.json dict (transformers 4 `rope_scaling` or 5 `rope_parameters`)."""
+        mt = d.get("model_type", "llama")
+        if mt not in MODEL_TYPES:
+            raise ValueError(f"model_type {mt!r} is not a Llama-family type {MODEL_TYPES}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"config rope type {rope_type!r} is not supported; prefjax "
+                             "implements 'default' (no scaling) and 'llama3'")
+        if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError("partial_rotary_factor != 1 is not supported")
+        heads = d["num_attention_heads"]
+        kw: dict[str, Any] = dict(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            rope_type=rope_type, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            initializer_range=d.get("initializer_range", 0.02), model_type=mt,
+            bos_token_id=d.get("bos_token_id"), pad_token_id=d.get("pad_token_id"),
+            eos_token_id=tuple(e) if isinstance(e := d.get("eos_token_id"), list) else e)
+        if rope_type == "llama3":
+            kw.update(rope_factor=rope["factor"], rope_low_freq_factor=rope["low_freq_factor"],
+                      rope_high_freq_factor=rope["high_freq_factor"],
+                      rope_original_max_position_embeddings=rope.get(
+                          "original_max_position_embeddings",
+                          d.get("original_max_position_embeddings")))
+        if mt == "llama":
+            bias = bool(d.get("attention_bias", False))
+            kw.update(qkv_bias=bias, o_bias=bias, mlp_bias=bool(d.get("mlp_bias", False)))
+        elif mt == "qwen2":
+            kw.update(qkv_bias=True)
+            if d.get("use_sliding_window", False) and d.get("sliding_window"):
+                kw.update(sliding_window=d["sliding_window"])
+                types = d.get("layer_types") or [
+                    "sliding_attention" if i >= d.get("max_window_layers", 0) else "full_attention"
+                    for i in range(kw["num_layers"])]
+                kw.update(layer_types=tuple(types))
+        else:  # mistral
+            kw.update(sliding_window=d.get("sliding_window"))
+        return cls(**kw)
+
+    def to_hf(self, model_type: str | None = None) -> dict[str, Any]:
+        """A config.json dict that transformers loads as `model_type` (default: self.model_type)."""
+        mt = model_type or self.model_type
+        if mt not in MODEL_TYPES:
+            raise ValueError(f"cannot export a Llama-family config as {mt!r}; use one of "
+                             f"{MODEL_TYPES}")
+        rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_type == "llama3":
+            rope.update(factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
+                        high_freq_factor=self.rope_high_freq_factor,
+                        original_max_position_embeddings=self.rope_original_max_position_embeddings)
+        d: dict[str, Any] = dict(
+            architectures=[_ARCHITECTURES[mt]], model_type=mt, vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim, hidden_act="silu",
+            max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps,
+            rope_parameters=rope, rope_theta=self.rope_theta,
+            rope_scaling=rope if self.rope_type != "default" else None,
+            tie_word_embeddings=self.tie_word_embeddings,
+            initializer_range=self.initializer_range, bos_token_id=self.bos_token_id,
+            eos_token_id=list(e) if isinstance(e := self.eos_token_id, tuple) else e,
+            pad_token_id=self.pad_token_id, dtype="float32")
+
+        def need(ok: bool, what: str):
+            if not ok:
+                raise ValueError(f"HF {mt!r} cannot represent this config: {what}")
+
+        if mt == "llama":
+            need(self.qkv_bias == self.o_bias, "llama has one attention_bias for q/k/v and o")
+            need(self.sliding_window is None, "llama has no sliding window")
+            d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        elif mt == "qwen2":
+            need(self.qkv_bias and not self.o_bias and not self.mlp_bias,
+                 "qwen2 has q/k/v biases and no o/mlp biases")
+            types = self.layer_types or ("sliding_attention" if self.sliding_window else
+                                         "full_attention",) * self.num_layers
+            d.update(use_sliding_window=self.sliding_window is not None,
+                     sliding_window=self.sliding_window, layer_types=list(types),
+                     max_window_layers=types.index("sliding_attention")
+                     if "sliding_attention" in types else self.num_layers)
+        else:
+            need(not (self.qkv_bias or self.o_bias or self.mlp_bias), "mistral has no biases")
+            need(self.layer_types is None or set(self.layer_types) == {"sliding_attention"},
+                 "mistral uses the sliding window on every layer")
+            d.update(sliding_window=self.sliding_window)
+        return d
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [head_dim / 2] float32, with Llama-3 scaling if configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    if cfg.rope_type == "llama3":
+        old, f = cfg.rope_original_max_position_embeddings, cfg.rope_factor
+        lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        # long wavelengths are slowed by `factor`, short ones kept, the band between blended
+        scaled = np.where(wavelen > old / lo, inv / f, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / f + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = np.where(medium, blended, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate x [b, t, h, d] by positions [b, t] (HF's rotate-half convention)."""
+    ang = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, d/2]
+    ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(ang).astype(x.dtype), jnp.sin(ang).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def _param(value, names) -> nnx.Param:
+    # eager_sharding=False: the model builds without a mesh; placement happens through the
+    # logical names (prefjax.parallel) when a train state is created under jit.
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] with logical names `names`."""
+
+    def __init__(self, din: int, dout: int, names: tuple[str, str], *, bias: bool,
+                 rngs: nnx.Rngs, dtype, param_dtype, std: float):
+        init = nnx.initializers.normal(std)
+        self.kernel = _param(init(rngs.params(), (din, dout), param_dtype), names)
+        self.bias = _param(jnp.zeros((dout,), param_dtype), names[1:]) if bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        y = x @ self.kernel[...].astype(self.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale with the statistics in float32 (as HF), output in x's dtype."""
+
+    def __init__(self, d: int, eps: float, *, param_dtype):
+        self.scale = _param(jnp.ones((d,), param_dtype), ("norm",))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, **kw):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q = Dense(d, cfg.num_heads * hd, ("embed", "heads"), bias=cfg.qkv_bias, **kw)
+        self.k = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.v = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.o = Dense(cfg.num_heads * hd, d, ("heads", "embed"), bias=cfg.o_bias, **kw)
+        self.config, self.head_dim = cfg, hd
+
+    def __call__(self, x, positions, allowed, kv, index):
+        b, t, _ = x.shape
+        split = lambda y: y.reshape(b, t, -1, self.head_dim)  # noqa: E731
+        inv_freq = rope_inv_freq(self.config)  # numpy at trace time: a compile-time constant
+        q = apply_rope(split(self.q(x)), positions, inv_freq)
+        k = apply_rope(split(self.k(x)), positions, inv_freq)
+        v = split(self.v(x))
+        if kv is not None:  # attend over the whole cache buffer with the new tokens written in
+            k, v = kvc.write(kv[0], k, index), kvc.write(kv[1], v, index)
+        a = kvc.attend(q, k, v, allowed, self.head_dim ** -0.5)
+        return self.o(a.reshape(b, t, -1)), (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig, **kw):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate = Dense(d, f, ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
+        self.up = Dense(d, f, ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
+        self.down = Dense(f, d, ("mlp", "embed"), bias=cfg.mlp_bias, **kw)
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, **kw):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=kw["param_dtype"])
+        self.attn = Attention(cfg, **kw)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=kw["param_dtype"])
+        self.mlp = MLP(cfg, **kw)
+
+    def __call__(self, x, positions, allowed, kv, index):
+        a, kv = self.attn(self.attn_norm(x), positions, allowed, kv, index)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), kv
+
+
+def _run_block(block, x, positions, allowed, kv, index):
+    return block(x, positions, allowed, kv, index)
+
+
+class Embed(nnx.Module):
+    """Token embedding table [v, d]."""
+
+    def __init__(self, v: int, d: int, *, rngs: nnx.Rngs, param_dtype, std: float):
+        init = nnx.initializers.normal(std)
+        self.embedding = _param(init(rngs.params(), (v, d), param_dtype), ("vocab", "embed"))
+
+
+class Llama(nnx.Module):
+    """Llama / Qwen2 / Mistral decoder following the prefjax model interface contract."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, remat: bool = False):
+        self.config, self.dtype, self.remat = config, dtype, remat
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=config.initializer_range)
+        c = config
+        self.embed = Embed(c.vocab_size, c.hidden_size, rngs=rngs, param_dtype=param_dtype,
+                           std=c.initializer_range)
+        self.layers = nnx.List([Block(c, **kw) for _ in range(c.num_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = None if c.tie_word_embeddings else Dense(
+            c.hidden_size, c.vocab_size, ("embed", "vocab"), bias=False, **kw)
+
+    def hidden_states(self, input_ids: Array, attention_mask: Array | None = None, *,
+                      positions: Array | None = None, cache: KVCache | None = None
+                      ) -> tuple[Array, KVCache | None]:
+        """Final-normed hidden states [b, t, d] (compute dtype) and the updated cache (or None)."""
+        b, t = input_ids.shape
+        mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
+        if cache is None:
+            key_mask, start, index = mask, 0, None
+            pos = kvc.positions_from_mask(mask)
+        else:
+            kvc.check_room(cache, t)
+            key_mask, pos = kvc.extend_mask(cache, mask)
+            start = index = cache.index
+        pos = pos if positions is None else positions
+        full = kvc.causal_allowed(key_mask, start, t)
+        windows = {self.config.window(i) for i in range(self.config.num_layers)} - {None}
+        allowed = {w: kvc.causal_allowed(key_mask, start, t, w) for w in windows} | {None: full}
+        run = nnx.remat(_run_block) if self.remat else _run_block
+        x = jnp.take(self.embed.embedding[...], input_ids, axis=0).astype(self.dtype)
+        ks, vs = [], []
+        for i, block in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, (k, v) = run(block, x, pos, allowed[self.config.window(i)], kv, index)
+            ks.append(k)
+            vs.append(v)
+        if cache is not None:
+            cache = KVCache(jnp.stack(ks), jnp.stack(vs), key_mask, cache.index + t)
+        return self.norm(x), cache
+
+    def unembed(self) -> Array:
+        """Output projection [d, v] in the compute dtype (lm_head kernel or tied embedding.T)."""
+        w = self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return w.astype(self.dtype)
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None, *,
+                 positions: Array | None = None, cache: KVCache | None = None):
+        """Logits float32 [b, t, v]; `(logits, new_cache)` when `cache` is given.
+
+        Logits are `hidden_states @ unembed()` accumulated in float32 (identical to
+        `(h @ unembed()).astype(float32)` for float32 compute; for bf16 compute it skips the
+        rounding of the product to bf16).
+        """
+        h, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions,
+                                          cache=cache)
+        logits = jnp.matmul(h, self.unembed(), preferred_element_type=jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        c = self.config
+        return KVCache.init(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim,
+                            dtype or self.dtype)
+
+
+# --- hooks for prefjax.models.hf (model_type "llama", "qwen2", "mistral") -----------------------
+
+# Tensors a checkpoint may carry that we do not need: old rotary buffers, and lm_head.weight
+# when the embedding is tied (then it is a copy of embed_tokens and is never expected).
+HF_IGNORE = (r"(^|\.)rotary_emb\.inv_freq$", r"^lm_head\.weight$")
+
+
+def config_from_hf(d: dict[str, Any]) -> LlamaConfig:
+    return LlamaConfig.from_hf(d)
+
+
+def build(config: LlamaConfig, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+          remat: bool = False) -> Llama:
+    return Llama(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
+
+
+def _layout(cfg: LlamaConfig) -> list[tuple[str, tuple, bool]]:
+    """(HF tensor name, path in nnx.state(model, nnx.Param), transposed?) for every parameter.
+
+    HF stores Linear weights as [out, in]; prefjax kernels are [in, out].
+    """
+    out = [("model.embed_tokens.weight", ("embed", "embedding"), False),
+           ("model.norm.weight", ("norm", "scale"), False)]
+    if not cfg.tie_word_embeddings:
+        out.append(("lm_head.weight", ("lm_head", "kernel"), True))
+    dense = (("self_attn.q_proj", ("attn", "q"), cfg.qkv_bias),
+             ("self_attn.k_proj", ("attn", "k"), cfg.qkv_bias),
+             ("self_attn.v_proj", ("attn", "v"), cfg.qkv_bias),
+             ("self_attn.o_proj", ("attn", "o"), cfg.o_bias),
+             ("mlp.gate_proj", ("mlp", "gate"), cfg.mlp_bias),
+             ("mlp.up_proj", ("mlp", "up"), cfg.mlp_bias),
+             ("mlp.down_proj", ("mlp", "down"), cfg.mlp_bias))
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        for hf, ours, bias in dense:
+            out.append((f"{p}{hf}.weight", ("layers", i, *ours, "kernel"), True))
+            if bias:
+                out.append((f"{p}{hf}.bias", ("layers", i, *ours, "bias"), False))
+        out.append((p + "input_layernorm.weight", ("layers", i, "attn_norm", "scale"), False))
+        out.append((p + "post_attention_layernorm.weight", ("layers", i, "mlp_norm", "scale"),
+                    False))
+    return out
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], config: LlamaConfig) -> dict:
+    """HF tensors (all expected names present, shapes checked by the caller) -> nested params."""
+    out: dict = {}
+    for name, path, transpose in _layout(config):
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = tensors[name].T if transpose else tensors[name]
+    return out
+
+
+def params_to_hf(model_or_state: Any, config: LlamaConfig) -> dict[str, np.ndarray]:
+    """A Llama, its nnx.State of params, or the nested pure dict -> HF tensor dict (numpy views)."""
+    pure = pure_params(model_or_state)
+    out = {}
+    for name, path, transpose in _layout(config):
+        x = pure
+        for key in path:
+            x = x[key]
+        x = np.asarray(x)
+        out[name] = x.T if transpose else x
+    return out
+
+
+def pure_params(model_or_state: Any) -> dict:
+    """The nested plain dict of parameter arrays of a module, an nnx.State or a plain dict."""
+    if isinstance(model_or_state, nnx.Module):
+        return nnx.state(model_or_state, nnx.Param).to_pure_dict()
+    if isinstance(model_or_state, nnx.State):
+        return model_or_state.to_pure_dict()
+    return model_or_state

@@ -1,0 +1,151 @@
+"""Checkpoints of the train state plus JSON metadata; the only module that touches Orbax.
+
+A checkpoint of step s is a directory `<dir>/<s>/` with two items: `state` (params, rest,
+opt_state, step, rng as an Orbax PyTree) and `extra` (JSON: data-loader position, config
+snapshot, anything the loop needs to resume). Orbax writes to a temporary directory and renames
+it when complete, so a run killed mid-save leaves a directory that `latest_step` ignores.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from prefjax.train.state import TrainState
+
+_SAVED = ("params", "rest", "opt_state", "step", "rng")  # graphdef is code, not data
+
+
+def _to_tree(state: TrainState) -> dict[str, Any]:
+    return {k: getattr(state, k) for k in _SAVED}
+
+
+class Checkpointer:
+    """Keep the last `keep` checkpoints (and, with `best_metric`, also the best one).
+
+    save_every: `save(step, ...)` writes only when `step % save_every == 0` (or `force=True`).
+    best_metric: a key of the `metrics` passed to `save` (e.g. "eval/loss"); the best checkpoint
+    by it (`best_mode` "min" | "max") is kept even when older than the last `keep`.
+    async_save: write in a background thread; call `wait()` before reading files or exiting.
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, save_every: int = 1,
+                 best_metric: str | None = None, best_mode: str = "min",
+                 async_save: bool = True):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 checkpoints, got {keep}")
+        if save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {save_every}")
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+        self.directory = Path(directory).absolute()
+        self.best_metric, self.best_mode = best_metric or None, best_mode
+        keepers = [policies.LatestN(n=keep)]
+        if self.best_metric:
+            keepers.append(policies.BestN(
+                get_metric_fn=self._metric, n=1, keep_checkpoints_without_metrics=False,
+                # BestN keeps the last n after sorting ascending (reverse=False).
+                reverse=best_mode == "min"))
+        options = ocp.CheckpointManagerOptions(
+            save_decision_policy=policies.FixedIntervalPolicy(save_every),
+            preservation_policy=policies.AnyPreservationPolicy(keepers),
+            enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "extra"))
+
+    def _metric(self, metrics: dict) -> float:
+        if self.best_metric not in metrics:
+            raise KeyError(
+                f"best_metric {self.best_metric!r} is not among the saved metrics "
+                f"{sorted(metrics)}")
+        v = float(metrics[self.best_metric])
+        if math.isnan(v):  # a NaN checkpoint is never the best
+            return math.inf if self.best_mode == "min" else -math.inf
+        return v
+
+    def save(self, step: int, state: TrainState, extra: dict | None = None,
+             metrics: dict | None = None, force: bool = False) -> bool:
+        """Save (asynchronously) if `step` is due or `force`; returns whether a save started.
+
+        A step that already has a checkpoint (e.g. the final save right after resuming) is
+        left as it is and returns False.
+
+        extra: JSON-serializable dict returned by `restore` (data position, config, ...).
+        metrics: scalars stored with the checkpoint; used to rank by `best_metric`.
+        """
+        if int(step) in self._manager.all_steps():
+            return False
+        metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        if self.best_metric and metrics is not None and self.best_metric not in metrics:
+            raise KeyError(f"save(metrics=...) lacks best_metric {self.best_metric!r}: "
+                           f"got {sorted(metrics)}")
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_to_tree(state)),
+            extra=ocp.args.JsonSave({"extra": extra or {}, "metrics": metrics}))
+        return self._manager.save(int(step), args=args, metrics=metrics, force=force)
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step (None when there is none)."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def best_step(self) -> int | None:
+        """Step of the best retained checkpoint by `best_metric` (None without metric/data)."""
+        if not self.best_metric:
+            return None
+        scored = [(self._metric(m), s) for s in self.all_steps()
+                  if (m := self._read_extra(s)["metrics"]) and self.best_metric in m]
+        if not scored:
+            return None
+        return (min if self.best_mode == "min" else max)(scored)[1]
+
+    def _read_extra(self, step: int) -> dict:
+        return self._manager.restore(
+            step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+
+    def restore(self, step: int | None = None, *, abstract_state: TrainState,
+                shardings: TrainState | None = None) -> tuple[TrainState, dict]:
+        """Load checkpoint `step` (default: latest) into `shardings` -> `(state, extra)`.
+
+        abstract_state: the TrainState structure (e.g. from `abstract_train_state`); its graphdef
+        is reused. shardings: target NamedShardings (from `create_train_state` /
+        `state_shardings`), which may differ from the run that saved: an 8-device checkpoint
+        restores onto one device and back.
+        """
+        self.wait()
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        if step not in self.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}")
+        target = _to_tree(abstract_state)
+        if shardings is not None:
+            target = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                target, _to_tree(shardings))
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
+        state = abstract_state.replace(**out["state"])
+        return state, out["extra"]["extra"]
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
