@@ -222,7 +222,9 @@ class GPT2(nnx.Module):
             start = index = cache.index
         pos = pos if positions is None else positions
         allowed = kvc.causal_allowed(key_mask, start, t)
-        run = nnx.remat(_run_block) if self.remat else _run_block
+        # remat only saves activation memory for a backward pass; decoding with a cache has
+        # none (and nnx.remat cannot run under the sampler's while_loop)
+        run = nnx.remat(_run_block) if self.remat and cache is None else _run_block
         x = jnp.take(self.wte[...], input_ids, axis=0) + jnp.take(self.wpe[...], pos, axis=0)
         x = x.astype(self.dtype)
         ks, vs = [], []

@@ -61,11 +61,30 @@ class RewardModel(nnx.Module):
 
     @classmethod
     def from_hf(cls, path, *, rngs: nnx.Rngs, **load_kw) -> RewardModel:
-        """A reward model whose decoder is the HF checkpoint at `path` (e.g. the SFT policy)."""
+        """A reward model whose decoder is the HF checkpoint at `path` (e.g. the SFT policy).
+
+        The head is random, unless `path` holds `reward_head.safetensors` (written by
+        `save_reward_model`): then it is the trained reward model.
+        """
+        from pathlib import Path
+
+        from safetensors.numpy import load_file
+
         from prefjax.models.hf import load_hf
 
         decoder, _ = load_hf(path, tokenizer=False, **load_kw)
-        return cls(decoder, rngs=rngs)
+        model = cls(decoder, rngs=rngs)
+        head = Path(path) / HEAD_FILE
+        if head.exists():
+            w = load_file(head)
+            for name in ("kernel", "bias"):
+                var = getattr(model.head, name)
+                if name not in w or w[name].shape != var[...].shape:
+                    raise ValueError(f"{head}: tensor {name!r} missing or of shape "
+                                     f"{getattr(w.get(name), 'shape', None)}, expected "
+                                     f"{var[...].shape}")
+                var[...] = jnp.asarray(w[name], var[...].dtype)
+        return model
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, *,
                  positions: Array | None = None) -> Array:
@@ -74,6 +93,25 @@ class RewardModel(nnx.Module):
         h, _ = self.decoder.hidden_states(input_ids, mask, positions=positions)
         last = jnp.take_along_axis(h, last_real_index(mask)[:, None, None], axis=1)[:, 0]
         return self.head(last)
+
+
+HEAD_FILE = "reward_head.safetensors"
+
+
+def save_reward_model(model: RewardModel, path, *, tokenizer=None):
+    """The decoder as an HF folder (`save_hf`) plus the head in `reward_head.safetensors`, so
+    `RewardModel.from_hf(path)` restores the trained reward model."""
+    from pathlib import Path
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from prefjax.models.hf import save_hf
+
+    path = save_hf(model.decoder, path, tokenizer=tokenizer)
+    save_file({k: np.asarray(jax.device_get(getattr(model.head, k)[...]), np.float32)
+               for k in ("kernel", "bias")}, str(Path(path) / HEAD_FILE))
+    return path
 
 
 class PolicyWithValue(nnx.Module):

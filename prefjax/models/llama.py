@@ -327,7 +327,9 @@ class Llama(nnx.Module):
         full = kvc.causal_allowed(key_mask, start, t)
         windows = {self.config.window(i) for i in range(self.config.num_layers)} - {None}
         allowed = {w: kvc.causal_allowed(key_mask, start, t, w) for w in windows} | {None: full}
-        run = nnx.remat(_run_block) if self.remat else _run_block
+        # remat only saves activation memory for a backward pass; decoding with a cache has
+        # none (and nnx.remat cannot run under the sampler's while_loop)
+        run = nnx.remat(_run_block) if self.remat and cache is None else _run_block
         x = jnp.take(self.embed.embedding[...], input_ids, axis=0).astype(self.dtype)
         ks, vs = [], []
         for i, block in enumerate(self.layers):

@@ -1,0 +1,146 @@
+"""The base experiment config that every `configs/*.py` file builds on.
+
+A config is data: every field has a default and a comment, and `lock` makes unknown or ill-typed
+overrides (`--config.train.lr=abc`, `--config.trian.lr=1`) fail at start, naming the field.
+`parse_arg("smoke,beta=0.2")` turns the `configs/x.py:ARG` suffix into a dict so one config file
+can offer variants; `smoke` shrinks any config to a seconds-long CPU run.
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+from prefjax import losses
+
+
+def base_config() -> ConfigDict:
+    """Defaults shared by all experiments (synthetic task, tiny Llama, DPO)."""
+    c = ConfigDict()
+    # algo: a prefjax.losses name (sft, reward_bt, dpo, ipo, simpo, orpo, mpo, ...); loss: its
+    # hyperparameters, passed to prefjax.losses.get(algo, **loss) (see `set_algo`)
+    set_algo(c, "dpo")
+    c.seed = 0  # seeds model init, data order and dropout-free training RNG
+
+    c.model = ConfigDict()
+    c.model.source = "tiny"  # "tiny" (random init from the fields below) or a local HF folder
+    c.model.init_from = ""  # an earlier run's workdir (its export) or an HF folder; "" = source
+    c.model.arch = "llama"  # architecture of the "tiny" model: llama | gpt2
+    c.model.vocab_size = 0  # 0 = the tokenizer's size
+    c.model.hidden_size = 64  # d
+    c.model.intermediate_size = 256  # f (MLP width)
+    c.model.num_layers = 2
+    c.model.num_heads = 4  # h
+    c.model.num_kv_heads = 2  # k (grouped-query attention)
+    c.model.max_position_embeddings = 128
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (weights stay float32)
+    c.model.remat = False  # recompute each block in the backward pass to save activation memory
+    c.model.logps_chunk = 0  # vocabulary chunk of the log-softmax; 0 = no chunking
+
+    c.reference = ConfigDict()
+    # precomputed (dataset columns, computed once) | live (frozen model every step) | none
+    c.reference.mode = "precomputed"
+    c.reference.source = ""  # "" = the initial policy; or an HF folder / an earlier run's workdir
+
+    c.data = ConfigDict()
+    # "synthetic", a local file/folder (json, jsonl, parquet, csv) or a hub name (online only)
+    c.data.source = "synthetic"
+    c.data.format = "auto"  # auto | prompt_chosen_rejected | hh | messages | unpaired | prompt_only
+    c.data.eval_source = ""  # held-out file; "" = split eval_fraction off the training data
+    c.data.eval_fraction = 0.05  # used when eval_source is empty (real data)
+    c.data.on_bad_row = "error"  # error (fail fast, naming file/row/field) | skip (count, report)
+    c.data.max_length = 64  # prompt + response tokens, the padded sequence length
+    c.data.max_prompt_length = 24  # longer prompts keep their end
+    c.data.max_response_length = 40  # longer responses are cut
+    c.data.over_long = "truncate"  # truncate | drop | error, for rows longer than max_length
+    c.data.num_train = 4096  # synthetic task: training examples generated
+    c.data.num_eval = 256  # synthetic task: held-out prompts / pairs
+    c.data.labeling = "bt"  # synthetic: bt (Bradley-Terry on r*) | argmax (deterministic)
+
+    c.mpo = ConfigDict()  # MPO's reference-policy samples (the off-policy KL term, loss.alpha)
+    c.mpo.ref_samples = "synthetic"  # synthetic (the task's reference generator) | completion file
+    c.mpo.num_ref_samples = 4096  # samples drawn / read once before training
+    c.mpo.samples_per_batch = 16  # reference-sample rows added to every batch
+
+    c.train = ConfigDict()
+    c.train.batch_size = 32  # pairs (sequences for SFT) per optimizer step, global over hosts
+    c.train.grad_accum = 1  # micro-batches per step (lax.scan)
+    c.train.num_steps = 200
+    c.train.lr = 5e-4
+    c.train.warmup_steps = 10  # linear warmup from 0
+    c.train.schedule = "constant"  # constant | cosine (after warmup)
+    c.train.optimizer = "adamw"  # adamw | rmsprop | sgd
+    c.train.weight_decay = 0.0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.max_grad_norm = 1.0  # 0 = no clipping
+    c.train.log_every = 10
+    c.train.eval_every = 50  # 0 = only at the end
+    c.train.save_every = 50
+    c.train.keep_checkpoints = 2
+    c.train.best_metric = ""  # e.g. "eval/loss": also keep the best checkpoint by it
+    c.train.export_hf = True  # write the final policy as an HF folder (save_hf) in workdir/export
+
+    c.mesh = ConfigDict()
+    c.mesh.data = -1  # -1 = all devices not used by the other axes
+    c.mesh.fsdp = 1  # parameters and optimizer state sharded over this axis
+    c.mesh.tensor = 1  # attention heads / MLP / vocabulary split over this axis
+    c.mesh.strategy = "auto"  # auto (rules follow the mesh) | dp | fsdp | tp | fsdp_tp
+    return c
+
+
+def set_algo(c: ConfigDict, algo: str, **loss) -> ConfigDict:
+    """Point `c` at loss `algo`: `c.loss` becomes its full hyperparameter set (defaults updated
+    by `loss`), so every hyperparameter is a typed, overridable field."""
+    c.algo = algo
+    hp = losses.defaults(algo)
+    unknown = sorted(set(loss) - set(hp))
+    if unknown:
+        raise ValueError(f"loss {algo!r} has no hyperparameters {unknown}; it has {sorted(hp)}")
+    hp.update(loss)
+    # None-valued defaults cannot be typed fields of a locked config; they stay unset
+    c.loss = ConfigDict({k: v for k, v in hp.items() if v is not None})
+    return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ConfigDict:
+    """Parse `"smoke,beta=0.2,name=x"` over `defaults` (bare words become True; values take the
+    type of their default)."""
+    out = ConfigDict(dict(defaults))
+    for part in filter(None, (arg or "").split(",")):
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq:
+            out[key] = True
+            continue
+        default = defaults.get(key)
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif default is not None:
+            out[key] = type(default)(value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_smoke(c: ConfigDict) -> ConfigDict:
+    """Shrink any config to a seconds-long CPU run (same code paths, tiny sizes)."""
+    c.model.hidden_size = min(c.model.hidden_size, 32)
+    c.model.intermediate_size = min(c.model.intermediate_size, 64)
+    c.model.num_layers = 1
+    c.data.num_train = min(c.data.num_train, 256)
+    c.data.num_eval = min(c.data.num_eval, 32)
+    c.mpo.num_ref_samples = min(c.mpo.num_ref_samples, 64)
+    c.mpo.samples_per_batch = min(c.mpo.samples_per_batch, 4)
+    c.train.batch_size = min(c.train.batch_size, 8)
+    c.train.num_steps = min(c.train.num_steps, 6)
+    c.train.warmup_steps = min(c.train.warmup_steps, 2)
+    c.train.log_every = 2
+    c.train.eval_every = 3
+    c.train.save_every = 3
+    return c
+
+
+def lock(c: ConfigDict) -> ConfigDict:
+    """Freeze the field set and types so overrides with unknown names or bad types fail loudly."""
+    c.lock()
+    return c

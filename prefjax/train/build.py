@@ -1,0 +1,165 @@
+"""From a config to the pieces a trainer wires together: mesh, optimizer, tokenizer, model, data.
+
+Each function reads one section of the config (see `prefjax/config.py`) and returns plain
+objects, so notebooks and tests can build any piece on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from prefjax import parallel
+from prefjax.data import (
+    load_preference_data,
+    tokenize_dataset,
+)
+from prefjax.data import synthetic as syn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# which normalised data format each data kind needs
+KIND_FORMATS = {"pairs": ("pairwise", "hh", "conversational"), "sft": ("completion",),
+                "prompts": ("prompt_only", "pairwise", "hh", "conversational", "completion")}
+
+
+def mesh_and_rules(c: ConfigDict):
+    """`(Mesh, Rules)` from `config.mesh` (axes data/fsdp/tensor, strategy)."""
+    return parallel.make_mesh(c.mesh), parallel.rules_for(c.mesh.strategy)
+
+
+def make_optimizer(t: ConfigDict) -> optax.GradientTransformation:
+    """Optimizer of `config.train`: linear warmup then constant or cosine, inside
+    `inject_hyperparams` so the learning rate is logged. Clipping is done by the step."""
+    if t.lr <= 0:
+        raise ValueError(f"train.lr must be > 0, got {t.lr}")
+    if t.schedule == "constant":
+        after = optax.constant_schedule(t.lr)
+    elif t.schedule == "cosine":
+        after = optax.cosine_decay_schedule(t.lr, max(t.num_steps - t.warmup_steps, 1))
+    else:
+        raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {t.schedule!r}")
+    sched = optax.join_schedules(
+        [optax.linear_schedule(0.0, t.lr, t.warmup_steps), after], [t.warmup_steps]
+    ) if t.warmup_steps > 0 else after
+    makers = {
+        "adamw": lambda learning_rate: optax.adamw(
+            learning_rate, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay),
+        "rmsprop": lambda learning_rate: optax.rmsprop(learning_rate),
+        "sgd": lambda learning_rate: optax.sgd(learning_rate, momentum=t.b1),
+    }
+    if t.optimizer not in makers:
+        raise ValueError(f"train.optimizer must be one of {list(makers)}, got {t.optimizer!r}")
+    return optax.inject_hyperparams(makers[t.optimizer])(learning_rate=sched)
+
+
+def export_dir(workdir: str | os.PathLike) -> Path:
+    """Where a run writes its final policy as an HF folder (`save_hf`)."""
+    return Path(workdir) / "export"
+
+
+def _hf_folder(path: str) -> str:
+    """A run's workdir stands for its exported policy; anything else is an HF folder/name."""
+    exported = export_dir(path)
+    return str(exported) if (exported / "config.json").exists() else path
+
+
+def init_source(c: ConfigDict) -> str:
+    """The HF folder the policy starts from, or "tiny" for a random init from `config.model`."""
+    if c.model.init_from:
+        return _hf_folder(c.model.init_from)
+    return c.model.source if c.model.source != "tiny" else "tiny"
+
+
+def load_tokenizer(c: ConfigDict):
+    """The synthetic task's tokenizer, or the one stored with the HF model."""
+    src = init_source(c)
+    if src == "tiny":
+        if c.data.source != "synthetic":
+            raise ValueError("model.source='tiny' has no tokenizer of its own; it only works with "
+                             "data.source='synthetic' (or set model.source to an HF folder)")
+        return syn.make_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except OSError as e:
+        raise OSError(f"no tokenizer found for model {src!r} (a local folder with tokenizer "
+                      f"files, or a hub name when online): {e}") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def decoder_fn(c: ConfigDict, tokenizer) -> Callable[[nnx.Rngs], nnx.Module] | nnx.Module:
+    """The policy decoder: a function of rngs (random tiny init) or a loaded module (HF folder)."""
+    dtype = DTYPES[c.model.dtype]
+    src = init_source(c)
+    if src != "tiny":
+        from prefjax.models.hf import load_hf
+
+        model, _ = load_hf(src, dtype=dtype, remat=c.model.remat, tokenizer=False)
+        return model
+    m = c.model
+    v = m.vocab_size or len(tokenizer)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    if m.arch == "llama":
+        from prefjax.models.llama import Llama, LlamaConfig
+
+        cfg = LlamaConfig(vocab_size=v, hidden_size=m.hidden_size,
+                          intermediate_size=m.intermediate_size, num_layers=m.num_layers,
+                          num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+                          max_position_embeddings=m.max_position_embeddings, **ids)
+        return lambda rngs: Llama(cfg, rngs=rngs, dtype=dtype, remat=m.remat)
+    if m.arch == "gpt2":
+        from prefjax.models.gpt2 import GPT2, GPT2Config
+
+        cfg = GPT2Config(vocab_size=v, hidden_size=m.hidden_size, num_layers=m.num_layers,
+                         num_heads=m.num_heads, intermediate_size=m.intermediate_size,
+                         max_position_embeddings=m.max_position_embeddings, **ids)
+        return lambda rngs: GPT2(cfg, rngs=rngs, dtype=dtype, remat=m.remat)
+    raise ValueError(f"model.arch must be 'llama' or 'gpt2', got {m.arch!r}")
+
+
+def load_data(c: ConfigDict, tokenizer, kind: str):
+    """`(train, eval)` tokenized datasets of `kind` ("pairs" | "sft" | "prompts").
+
+    Synthetic: generated from `data.num_train` / `data.num_eval` with held-out seeds. Files:
+    `data.source` (and `data.eval_source`, else an `eval_fraction` split by the run's seed).
+    """
+    d = c.data
+    if d.source == "synthetic":
+        make = {"pairs": lambda n, s: syn.make_preference_dataset(n, s, labeling=d.labeling),
+                "sft": syn.make_sft_dataset, "prompts": syn.make_prompt_dataset}[kind]
+        train, held = make(d.num_train, c.seed), make(d.num_eval, c.seed + 10_000)
+    else:
+        train = load_preference_data(d.source, format=d.format, on_bad_row=d.on_bad_row)
+        if d.eval_source:
+            held = load_preference_data(d.eval_source, format=d.format, on_bad_row=d.on_bad_row)
+        else:
+            split = train.train_test_split(test_size=d.eval_fraction, seed=c.seed)
+            train, held = split["train"], split["test"]
+    from prefjax.data.preference import dataset_format
+
+    for name, ds in (("data.source", train), ("data.eval_source", held)):
+        try:
+            fmt = dataset_format(ds)
+        except ValueError:
+            continue  # a split keeps the rows but not the description; the source was checked
+        if fmt not in KIND_FORMATS[kind]:
+            raise ValueError(f"{name}: format {fmt!r} cannot feed a {kind!r} trainer "
+                             f"(algo {c.algo!r}); it needs one of {KIND_FORMATS[kind]}")
+    kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+              max_response_length=d.max_response_length, over_long=d.over_long)
+    train, _ = tokenize_dataset(train, tokenizer, **kw)
+    held, _ = tokenize_dataset(held, tokenizer, **kw)
+    return train, held

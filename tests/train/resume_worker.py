@@ -1,0 +1,34 @@
+"""Subprocess body for the SIGKILL test: `python -m tests.train.resume_worker WORKDIR DELAY`.
+
+Runs configs/dpo_synthetic.py:smoke (lengthened) through `prefjax.main.run`, the CLI's code
+path. Each step is delayed by DELAY seconds so the parent can kill the run mid-way; the delay
+wraps the jitted step from outside and changes no number.
+"""
+
+import logging
+import sys
+import time
+
+import prefjax.train.offline as offline
+from prefjax.config import lock
+from prefjax.main import run
+from tests.train.test_offline import resume_config
+
+
+def main(workdir: str, delay: float) -> None:
+    logging.basicConfig(level=logging.INFO, force=True)  # the parent checks the "resumed from" line
+    fit = offline.fit
+
+    def slow_fit(init_state, step, *args, **kw):
+        def slow_step(state, batch):
+            time.sleep(delay)
+            return step(state, batch)
+
+        return fit(init_state, slow_step, *args, **kw)
+
+    offline.fit = slow_fit
+    run(lock(resume_config()), workdir)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], float(sys.argv[2]))
