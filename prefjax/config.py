@@ -61,6 +61,22 @@ def base_config() -> ConfigDict:
     c.mpo.num_ref_samples = 4096  # samples drawn / read once before training
     c.mpo.samples_per_batch = 16  # reference-sample rows added to every batch
 
+    c.online = ConfigDict()  # online algorithms (ppo, p3o, online_dpo): rollouts each step
+    c.online.reward = "oracle"  # oracle (synthetic task's r*) | a reward-model run dir / export
+    c.online.max_new_tokens = 8  # response slots per sample
+    c.online.temperature = 1.0  # sampling temperature (log-probs are the policy's, T = 1)
+    c.online.epochs = 4  # optimizer passes over each rollout batch
+    c.online.minibatches = 1  # updates per pass (each a slice of the rollout)
+    c.online.kl_coef = 0.05  # PPO: per-token KL penalty in the shaped reward (P3O: loss.kl_coef)
+    c.online.gamma = 1.0  # PPO GAE discount
+    c.online.lam = 0.95  # PPO GAE lambda
+    c.online.whiten_rewards = False  # PPO: rescale shaped rewards to unit variance
+    c.online.missing_eos_penalty = 0.0  # subtracted from the score of a response without EOS
+
+    c.eval = ConfigDict()  # sampled evaluation (reward and KL(pi || ref)) on held-out prompts
+    c.eval.sample = False  # offline trainers: also sample (synthetic task's r*); online: always
+    c.eval.num_prompts = 128  # held-out prompts (whole batches of train.batch_size)
+
     c.train = ConfigDict()
     c.train.batch_size = 32  # pairs (sequences for SFT) per optimizer step, global over hosts
     c.train.grad_accum = 1  # micro-batches per step (lax.scan)
@@ -131,6 +147,8 @@ def apply_smoke(c: ConfigDict) -> ConfigDict:
     c.data.num_eval = min(c.data.num_eval, 32)
     c.mpo.num_ref_samples = min(c.mpo.num_ref_samples, 64)
     c.mpo.samples_per_batch = min(c.mpo.samples_per_batch, 4)
+    c.online.epochs = min(c.online.epochs, 2)
+    c.eval.num_prompts = min(c.eval.num_prompts, 16)
     c.train.batch_size = min(c.train.batch_size, 8)
     c.train.num_steps = min(c.train.num_steps, 6)
     c.train.warmup_steps = min(c.train.warmup_steps, 2)

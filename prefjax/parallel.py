@@ -7,6 +7,7 @@ parallelism and their combinations are all just a mesh shape plus a rule table.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -190,7 +191,9 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     """Global jax Arrays from this process's rows (`[b_local, ...]` numpy per key).
 
     Each process passes its own slice; the global batch is the concatenation over processes in
-    process order. Works single- and multi-host.
+    process order, whatever the mesh's device order (see `_process_rows`). Works single- and
+    multi-host; with several processes the batch axes ("data", "fsdp") must separate them (each
+    row shard lives on one process only).
     """
     n_proc = jax.process_count()
     n = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -206,8 +209,46 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
                 f"batch[{k!r}] has leading dim {x.shape[:1]} per process, not divisible by the "
                 f"{n} data*fsdp shards over {n_proc} processes")
         gshape = (x.shape[0] * n_proc, *x.shape[1:]) if sh.spec else x.shape
-        out[k] = jax.make_array_from_process_local_data(sh, x, gshape)
+        # checked first: it names the problem where make_array's own error would not
+        where = _process_rows(sh, gshape, x.shape[0], k) if n_proc > 1 else None
+        arr = jax.make_array_from_process_local_data(sh, x, gshape)
+        if where is not None and not np.array_equal(where, np.arange(gshape[0])):
+            arr = _row_gather(tuple(where.tolist()), sh)(arr)
+        out[k] = arr
     return out
+
+
+def _process_rows(sh: NamedSharding, gshape: tuple, local: int, key: str) -> np.ndarray:
+    """Global positions of each process's rows, concatenated in process order.
+
+    `make_array_from_process_local_data` fills the row shards a process holds, in increasing
+    order, with its local rows. When the mesh puts a process's devices at non-adjacent batch
+    shards (a device order that interleaves hosts), its rows are not one block of the global
+    array, and pairwise batches (`[chosen, rejected]` per process) would be mis-paired by
+    `train.step.gather_process_blocks`; `shard_batch` then permutes rows into process order.
+    """
+    spans: dict[int, set] = {}
+    for d, idx in sh.devices_indices_map(gshape).items():
+        r = idx[0]
+        spans.setdefault(d.process_index, set()).add(
+            (r.start or 0, gshape[0] if r.stop is None else r.stop))
+    rows = []
+    for p in range(jax.process_count()):
+        got = np.concatenate([np.arange(a, b) for a, b in sorted(spans[p])])
+        if len(got) != local:
+            raise ValueError(
+                f"batch[{key!r}]: process {p} holds {len(got)} of the {gshape[0]} global rows but "
+                f"loads {local}; the mesh's batch axes (data, fsdp) must split the rows between "
+                "processes (each row shard on one process), e.g. no tensor axis across hosts")
+        rows.append(got)
+    return np.concatenate(rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_gather(where: tuple[int, ...], sh: NamedSharding):
+    """Jitted `x -> x[where]` keeping the batch sharding (rows move between hosts on device)."""
+    idx = np.asarray(where, np.int32)
+    return jax.jit(lambda x: x[idx], out_shardings=sh)
 
 
 def process_index() -> int:

@@ -104,7 +104,8 @@ def fit(
         batches.restore(saved["data"])
         window = Window(**saved.get("window", {}))
         log.info("resumed from %s at step %d", checkpointer.directory, start)
-    step = int(jax.device_get(state.step))
+    # fit's step counts calls of train_step, which may apply several updates (online epochs)
+    step = 0 if start is None else start
     writer = MetricsWriter(workdir, resume_step=start)
     bar = ProgressBar(num_steps, initial=step, enabled=progress)
     eval_every = eval_every if eval_every > 0 else num_steps

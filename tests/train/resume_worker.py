@@ -1,7 +1,7 @@
-"""Subprocess body for the SIGKILL test: `python -m tests.train.resume_worker WORKDIR DELAY`.
+"""Subprocess body for the SIGKILL tests: `python -m tests.train.resume_worker WORKDIR DELAY NAME`.
 
-Runs configs/dpo_synthetic.py:smoke (lengthened) through `prefjax.main.run`, the CLI's code
-path. Each step is delayed by DELAY seconds so the parent can kill the run mid-way; the delay
+Runs configs/NAME.py:smoke (lengthened, see `resume_config`) through `prefjax.main.run`, the
+CLI's code path. Each step is delayed by DELAY seconds so the parent can kill the run mid-way; the delay
 wraps the jitted step from outside and changes no number.
 """
 
@@ -10,12 +10,13 @@ import sys
 import time
 
 import prefjax.train.offline as offline
+import prefjax.train.online as online
 from prefjax.config import lock
 from prefjax.main import run
 from tests.train.test_offline import resume_config
 
 
-def main(workdir: str, delay: float) -> None:
+def main(workdir: str, delay: float, name: str) -> None:
     logging.basicConfig(level=logging.INFO, force=True)  # the parent checks the "resumed from" line
     fit = offline.fit
 
@@ -26,9 +27,9 @@ def main(workdir: str, delay: float) -> None:
 
         return fit(init_state, slow_step, *args, **kw)
 
-    offline.fit = slow_fit
-    run(lock(resume_config()), workdir)
+    offline.fit = online.fit = slow_fit
+    run(lock(resume_config(name)), workdir)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]))
+    main(sys.argv[1], float(sys.argv[2]), sys.argv[3])

@@ -29,8 +29,8 @@ def load_config(path: Path, arg: str | None = None):
     return lock(mod.get_config(arg))
 
 
-def resume_config():
-    c = load_config(ROOT / "configs" / "dpo_synthetic.py", "smoke")
+def resume_config(name: str = "dpo_synthetic"):
+    c = load_config(ROOT / "configs" / f"{name}.py", "smoke")
     c.train.num_steps = 24
     c.train.log_every = 3  # windows straddle checkpoints: the partial window must resume too
     c.train.eval_every = 8
@@ -94,16 +94,18 @@ def test_reference_mode_none_is_rejected_for_dpo(tmp_path):
         run(c, str(tmp_path))
 
 
-def test_sigkill_mid_run_then_rerun_reproduces_uninterrupted_metrics(tmp_path):
+def check_sigkill_resume(tmp_path, name: str) -> None:
+    """Run `name` uninterrupted; run it again, SIGKILL it after checkpoint 12, re-run: the
+    resumed run's metrics (timings aside) equal the uninterrupted run's."""
     full = tmp_path / "full"
-    run(resume_config(), str(full))
+    run(resume_config(name), str(full))
     expected = training_records(full)
     assert expected[-1]["step"] == 24
 
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "tests.train.resume_worker", str(killed)]
-    proc = subprocess.Popen([*cmd, "0.15"], env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*cmd, "0.15", name], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     # kill once a middle checkpoint is complete (Orbax renames the tmp dir when done)
@@ -118,7 +120,7 @@ def test_sigkill_mid_run_then_rerun_reproduces_uninterrupted_metrics(tmp_path):
     partial = read_metrics(killed)
     assert partial and partial[-1]["step"] < 24, "the run finished before it could be killed"
 
-    p = subprocess.run([*cmd, "0"], env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run([*cmd, "0", name], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     resumed = re.search(r"resumed from \S+ at step (\d+)", p.stderr)
     assert resumed and 12 <= int(resumed.group(1)) < 24, p.stderr[-3000:]
@@ -129,6 +131,10 @@ def test_sigkill_mid_run_then_rerun_reproduces_uninterrupted_metrics(tmp_path):
         for k in a:
             np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6,
                                        err_msg=f"step {a['step']} {k}")
+
+
+def test_sigkill_mid_run_then_rerun_reproduces_uninterrupted_metrics(tmp_path):
+    check_sigkill_resume(tmp_path, "dpo_synthetic")
 
 
 def write_hh(path: Path, n: int, seed: int = 0) -> Path:

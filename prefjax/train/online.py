@@ -1,0 +1,260 @@
+"""Online trainers: sample -> score -> (old, ref log-probs) -> update epochs, for PPO, P3O and
+online DPO.
+
+One `fit` step is one rollout: `prepare` samples responses to a batch of prompts with the current
+policy (`prefjax.sampling`), scores them (the synthetic task's ground-truth reward as an oracle,
+or a reward model exported by configs/rm_synthetic.py), computes the sampling policy's and the
+reference's log-probs, and builds the loss's batch; the train step then runs
+`online.epochs` x `online.minibatches` optimizer updates on it. The rollout key is
+`fold_in(state.rng, iteration)`, so a resumed run samples exactly what the original would have.
+
+  ppo         `PolicyWithValue`; per-token KL-shaped rewards, GAE, whitened advantages.
+  p3o         two samples per prompt (rows [:B] y1, [B:] y2); pairwise policy gradient.
+  online_dpo  two samples per prompt, the higher-scored one is "chosen"; the DPO loss.
+All log-probs are of the policy itself (temperature 1); sampling at another temperature makes
+the update slightly off-policy, as in TRL.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from prefjax import losses, parallel
+from prefjax.data import BatchLoader, collate_prompts
+from prefjax.data import synthetic as syn
+from prefjax.eval import sample_metrics
+from prefjax.lm import policy_out
+from prefjax.losses.ppo import gae, kl_shaped_rewards, rollout_metrics, whiten
+from prefjax.parallel import batch_shardings
+from prefjax.sampling import sample, training_rows
+from prefjax.train import build
+from prefjax.train.checkpoint import Checkpointer
+from prefjax.train.loop import fit
+from prefjax.train.offline import export, write_config
+from prefjax.train.state import merge_model, state_from_module, step_key
+from prefjax.train.step import build_train_step, split_microbatches
+
+log = logging.getLogger(__name__)
+
+LOSS_OF = {"ppo": "ppo", "p3o": "p3o", "online_dpo": "dpo"}
+PAIRED = ("p3o", "online_dpo")
+
+
+def reward_function(c: ConfigDict) -> Callable:
+    """`(prompt_ids [b, p] left-padded, rows) -> scores [b]`: oracle r* or a reward model."""
+    if c.online.reward == "oracle":
+        if c.data.source != "synthetic":
+            raise ValueError("online.reward='oracle' is the synthetic task's ground truth; with "
+                             f"data.source={c.data.source!r} set online.reward to a reward model "
+                             "folder (an rm run's workdir or its export)")
+        return lambda prompt_ids, tokens, rows: syn.reward_jnp(prompt_ids, tokens)
+    from prefjax.models.heads import HEAD_FILE, RewardModel
+
+    folder = build._hf_folder(c.online.reward)
+    if not (Path(folder) / HEAD_FILE).exists():
+        raise FileNotFoundError(f"online.reward={c.online.reward!r}: no {HEAD_FILE} in {folder}; "
+                                "point it at a reward-model run (configs/rm_synthetic.py)")
+    rm = RewardModel.from_hf(folder, rngs=nnx.Rngs(0))
+    graphdef, st = nnx.split(rm)
+    f = jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask))
+    return lambda prompt_ids, tokens, rows: f(st, rows["input_ids"], rows["attention_mask"])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "ref_graphdef", "chunk"))
+def _logps(graphdef, params, ref_graphdef, ref_params, rows, chunk):
+    """Sampling-policy and reference PolicyOuts of the rows (one forward each, no gradient)."""
+    out = policy_out(nnx.merge(graphdef, params), rows, chunk_size=chunk)
+    ref = policy_out(nnx.merge(ref_graphdef, ref_params), rows, chunk_size=chunk)
+    return out, ref
+
+
+def make_rollout(c: ConfigDict, reference: nnx.Module, reward_fn: Callable, *, pad_id: int,
+                 eos_id: int, mesh) -> Callable:
+    """`prepare(state, prompts) -> {"batch": loss batch, "metrics": rollout metrics}`."""
+    o, algo = c.online, c.algo
+    chunk = c.model.logps_chunk or None
+    ref_graphdef, ref_params = nnx.split(reference)
+    kl_coef = o.kl_coef
+
+    def prepare(state, raw):
+        ids, mask = raw["input_ids"], raw["attention_mask"]
+        if algo in PAIRED:  # two samples per prompt: rows [:B] y1, [B:] y2
+            ids, mask = np.concatenate([ids, ids]), np.concatenate([mask, mask])
+        model = merge_model(state)
+        s = sample(model, ids, mask, step_key(state), max_new_tokens=o.max_new_tokens,
+                   temperature=o.temperature, eos_id=eos_id, pad_id=pad_id, mesh=mesh)
+        rows = training_rows(ids, mask, s, pad_id=pad_id)
+        rows = {k: rows[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+        graphdef, params = nnx.split(model)
+        out, ref = _logps(graphdef, params, ref_graphdef, ref_params, rows, chunk)
+        scores = jnp.asarray(reward_fn(ids, s.tokens, rows), jnp.float32)
+        ended = jnp.any((s.tokens == eos_id) & (s.mask > 0), axis=1)
+        scores = scores - o.missing_eos_penalty * (~ended)
+        metrics = {**rollout_metrics(scores, out.token_logps, ref.token_logps, rows["loss_mask"],
+                                     kl_coef=kl_coef if algo == "ppo" else 0.0),
+                   "rollout/length": jnp.mean(s.lengths.astype(jnp.float32)),
+                   "rollout/eos_fraction": jnp.mean(ended.astype(jnp.float32))}
+        if algo == "ppo":
+            batch = _ppo_batch(rows, out, ref, scores, kl_coef, o)
+        elif algo == "p3o":
+            batch = {**rows, "old_logps": out.logps, "ref_logps": ref.logps, "rewards": scores,
+                     "old_token_logps": out.token_logps}
+        else:
+            batch = _dpo_batch(rows, ref.logps, scores)
+        return {"batch": batch, "metrics": metrics}
+
+    return prepare
+
+
+@functools.partial(jax.jit, static_argnames=("kl_coef", "o"))
+def _ppo_core(loss_mask, token_logps, ref_token_logps, values, scores, kl_coef, o):
+    r = kl_shaped_rewards(scores, token_logps, ref_token_logps, loss_mask, kl_coef=kl_coef)
+    if o.whiten_rewards:
+        r = whiten(r, loss_mask, shift_mean=False)
+    adv, ret = gae(r, values, loss_mask, gamma=o.gamma, lam=o.lam)
+    return whiten(adv, loss_mask), ret
+
+
+def _ppo_batch(rows, out, ref, scores, kl_coef, o):
+    frozen = _Frozen(gamma=o.gamma, lam=o.lam, whiten_rewards=o.whiten_rewards)
+    adv, ret = _ppo_core(rows["loss_mask"], out.token_logps, ref.token_logps, out.values, scores,
+                         kl_coef, frozen)
+    return {**rows, "old_token_logps": out.token_logps, "old_values": out.values,
+            "advantages": adv, "returns": ret}
+
+
+class _Frozen(tuple):
+    """A hashable record of the GAE settings (a static jit argument)."""
+
+    def __new__(cls, **kw):
+        self = super().__new__(cls, sorted(kw.items()))
+        self.__dict__.update(kw)
+        return self
+
+
+@jax.jit
+def _dpo_batch(rows, ref_logps, scores):
+    """Order each prompt's two samples as chosen (higher score) then rejected; ties keep y1."""
+    n = scores.shape[0] // 2
+    swap = scores[n:] > scores[:n]
+    idx = jnp.arange(2 * n)
+    first = jnp.where(swap, idx[n:], idx[:n])
+    second = jnp.where(swap, idx[:n], idx[n:])
+    order = jnp.concatenate([first, second])
+    take = lambda x: jnp.take(x, order, axis=0)  # noqa: E731
+    return {**{k: take(v) for k, v in rows.items()}, "ref_logps": take(ref_logps),
+            "rewards": take(scores)}
+
+
+def make_update(step, *, epochs: int, minibatches: int, paired: bool, mesh) -> Callable:
+    """`(state, rollout) -> (state, metrics)`: `epochs` passes of `minibatches` updates."""
+
+    def update(state, rollout):
+        batch = rollout["batch"]
+        mbs = split_microbatches(batch, minibatches, paired=paired)
+        parts = [{k: v[i] for k, v in mbs.items()} for i in range(minibatches)]
+        parts = [jax.device_put(p, batch_shardings(p, mesh)) for p in parts]
+        ms = []
+        for _ in range(epochs):
+            for p in parts:
+                state, m = step(state, p)
+                ms.append(m)
+        stacked = jax.tree.map(lambda *v: jnp.stack(v), *ms)
+        metrics = jax.tree.map(jnp.mean, stacked)
+        metrics["nonfinite"] = jnp.max(stacked["nonfinite"])  # any bad update stops the run
+        return state, {**metrics, **rollout["metrics"]}
+
+    return update
+
+
+def train(c: ConfigDict, workdir: str) -> dict:
+    """Run (or resume) the online experiment `c` in `workdir`; returns the last eval metrics."""
+    from prefjax.models.heads import PolicyWithValue
+
+    write_config(c, workdir)
+    if c.algo not in LOSS_OF:
+        raise ValueError(f"online algo must be one of {list(LOSS_OF)}, got {c.algo!r}")
+    loss = losses.get(LOSS_OF[c.algo], **c.loss.to_dict())
+    o = c.online
+    if o.epochs < 1 or o.minibatches < 1:
+        raise ValueError(f"online.epochs ({o.epochs}) and online.minibatches ({o.minibatches}) "
+                         "must be >= 1")
+    tokenizer = build.load_tokenizer(c)
+    prompts, held = build.load_data(c, tokenizer, "prompts")
+    mesh, rules = build.mesh_and_rules(c)
+    optimizer = build.make_optimizer(c.train)
+    decoder = build.decoder_fn(c, tokenizer)
+    seed = c.seed
+    policy = decoder if isinstance(decoder, nnx.Module) else decoder(nnx.Rngs(seed))
+    from prefjax.train.offline import _reference_module
+
+    reference = _reference_module(c, decoder)
+    if reference is policy:
+        reference = nnx.clone(policy)
+    if c.algo == "ppo":
+        policy = PolicyWithValue(policy, rngs=nnx.Rngs(seed + 1))
+    state0, shardings = state_from_module(policy, optimizer, mesh=mesh, rules=rules, seed=seed)
+    del policy
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    reward_fn = reward_function(c)
+    prepare = make_rollout(c, reference, reward_fn, pad_id=pad, eos_id=eos, mesh=mesh)
+    paired = c.algo in PAIRED
+    chunk = c.model.logps_chunk or None
+    step = build_train_step(loss, optimizer, mesh=mesh, state_shardings=shardings,
+                            forward=functools.partial(policy_out, chunk_size=chunk),
+                            grad_accum=c.train.grad_accum, max_grad_norm=c.train.max_grad_norm,
+                            paired=paired)
+    update = make_update(step, epochs=o.epochs, minibatches=o.minibatches, paired=paired,
+                         mesh=mesh)
+    collate = functools.partial(collate_prompts, pad_id=pad, seq_len=c.data.max_prompt_length)
+    pi, pc = parallel.process_index(), parallel.process_count()
+    batches = BatchLoader(prompts, batch_size=c.train.batch_size, collate=collate, seed=seed,
+                          process_index=pi, process_count=pc)
+    n_eval = min(len(held), c.eval.num_prompts) // c.train.batch_size * c.train.batch_size
+    eval_prompts = list(BatchLoader(held.select(range(n_eval)), batch_size=c.train.batch_size,
+                                    collate=collate, seed=0, num_epochs=1))
+    last_eval: dict = {}
+
+    def eval_fn(state):
+        model = merge_model(state)
+        res = sample_metrics(model, reference, eval_prompts, key=jax.random.key(seed + 7),
+                             reward_fn=lambda p, t: reward_fn(p, t, _rows(p, t, pad, eos)),
+                             max_new_tokens=o.max_new_tokens, eos_id=eos, pad_id=pad,
+                             chunk=chunk)
+        last_eval.clear()
+        last_eval.update(res)
+        return res
+
+    t = c.train
+    ckpt = Checkpointer(Path(workdir) / "checkpoints", keep=t.keep_checkpoints,
+                        save_every=t.save_every, best_metric=t.best_metric or None)
+    with ckpt:
+        state = fit(lambda: state0, update, batches, num_steps=t.num_steps, workdir=workdir,
+                    checkpointer=ckpt, abstract_state=state0, shardings=shardings,
+                    prepare=prepare, eval_fn=eval_fn, eval_every=t.eval_every,
+                    log_every=t.log_every)
+    if t.export_hf and parallel.is_main_process():
+        model = merge_model(state)
+        export(model.decoder if isinstance(model, PolicyWithValue) else model,
+               build.export_dir(workdir), tokenizer)
+    return dict(last_eval)
+
+
+def _rows(prompt_ids, tokens, pad_id, eos_id):
+    """Training rows of prompts + sampled tokens (for a reward model at evaluation)."""
+    from prefjax.sampling import Samples
+
+    mask = (jnp.cumsum(jnp.asarray(tokens) == eos_id, axis=1)
+            - (jnp.asarray(tokens) == eos_id) == 0).astype(jnp.int32)
+    s = Samples(jnp.asarray(tokens), mask, jnp.zeros(mask.shape, jnp.float32), mask.sum(1))
+    prompt_mask = (jnp.asarray(prompt_ids) != pad_id).astype(jnp.int32)
+    return training_rows(prompt_ids, prompt_mask, s, pad_id=pad_id)
