@@ -8,7 +8,9 @@ plus `init_cache(b, max_len, dtype)`, so Llama-family models, GPT-2 and `PolicyW
 
 A `Sampler` fixes the static settings and keeps one compiled function per
 (model structure, batch, bucketed prompt length); `sample(...)` is the same with cached Samplers.
-Randomness comes only from the `key` passed in: step i draws with `fold_in(key, i)`.
+Randomness comes only from the `key` passed in: step i draws with `fold_in(key, i)`, so equal
+keys give equal samples (split a fresh key per call). Prompts are checked on the host, so call
+a Sampler from Python, not inside another jit.
 """
 
 from __future__ import annotations
@@ -88,8 +90,7 @@ class Sampler:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if top_k is not None and (not isinstance(top_k, int | np.integer) or top_k < 0):
             raise ValueError(f"top_k must be None or an int >= 0 (0: off), got {top_k!r}")
-        eos = () if eos_id is None else tuple(
-            int(e) for e in (eos_id if isinstance(eos_id, Sequence) else (eos_id,)))
+        eos = () if eos_id is None else tuple(int(e) for e in np.atleast_1d(eos_id))
         if any(e < 0 for e in eos):
             raise ValueError(f"eos_id must be non-negative token ids, got {eos_id!r}")
         if prompt_multiple < 1:
@@ -115,6 +116,7 @@ class Sampler:
             pad = ((0, 0), (p - ids.shape[1], 0))
             ids = np.pad(ids, pad, constant_values=self.pad_id)
             mask = np.pad(mask, pad)
+        # the training rows built from the samples are p + n long and must fit the model too
         limit = getattr(_decoder(model).config, "max_position_embeddings", None)
         if limit is not None and p + self.max_new_tokens > limit:
             raise ValueError(
