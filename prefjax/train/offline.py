@@ -281,6 +281,7 @@ def train(c: ConfigDict, workdir: str) -> dict:
     evaluate = build_eval_step(loss, mesh=mesh, state_shardings=shardings, forward=forward,
                                paired=paired)
     eval_batches = _eval_batches(eval_ds, collate, c, batches)
+    sampled = _sampled_eval(c, eval_ds, decoder, tokenizer) if c.eval.sample else None
     last_eval: dict = {}
 
     def eval_fn(state):
@@ -290,6 +291,8 @@ def train(c: ConfigDict, workdir: str) -> dict:
                 sums[k] = sums.get(k, 0.0) + float(v)
         last_eval.clear()
         last_eval.update({k: v / len(eval_batches) for k, v in sums.items()})
+        if sampled is not None:
+            last_eval.update({f"sample/{k}": v for k, v in sampled(state).items()})
         return last_eval
 
     t = c.train
@@ -303,6 +306,42 @@ def train(c: ConfigDict, workdir: str) -> dict:
     if t.export_hf and parallel.is_main_process():
         export(merge_model(state), build.export_dir(workdir), tokenizer)
     return dict(last_eval)
+
+
+def _sampled_eval(c: ConfigDict, eval_ds, decoder, tokenizer):
+    """`state -> {reward, kl, length}` of responses sampled on held-out prompts (`eval.sample`).
+
+    The reward is online.reward (the synthetic oracle r*, or a reward model); KL is measured
+    against the reference (`reference.source`, else the initial policy).
+    """
+    from prefjax.data import collate_prompts
+    from prefjax.eval import sample_metrics
+    from prefjax.train.online import eval_reward_fn
+
+    if c.algo in ("sft", "reward_bt"):
+        raise ValueError(f"eval.sample needs a policy trained against a reference; algo "
+                         f"{c.algo!r} has none")
+    reference = _reference_module(c, decoder)
+    if reference is decoder:
+        reference = nnx.clone(decoder)
+    bs = c.train.batch_size
+    n = min(len(eval_ds), c.eval.num_prompts) // bs * bs
+    if n == 0:
+        raise ValueError(f"eval.sample needs at least one batch of {bs} held-out prompts")
+    rows = eval_ds.select(range(n))["prompt_ids"]
+    collate = functools.partial(collate_prompts, pad_id=tokenizer.pad_token_id,
+                                seq_len=c.data.max_prompt_length)
+    prompts = [collate([{"prompt_ids": p} for p in rows[i:i + bs]]) for i in range(0, n, bs)]
+    reward = eval_reward_fn(c, tokenizer)
+
+    def sampled(state):
+        return sample_metrics(unwrap_policy(merge_model(state)), reference, prompts,
+                              key=jax.random.key(c.seed + 7), reward_fn=reward,
+                              max_new_tokens=c.online.max_new_tokens,
+                              eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                              chunk=c.model.logps_chunk or None)
+
+    return sampled
 
 
 def _eval_batches(eval_ds, collate, c: ConfigDict, train_batches) -> list[dict]:

@@ -224,10 +224,12 @@ def train(c: ConfigDict, workdir: str) -> dict:
                                     collate=collate, seed=0, num_epochs=1))
     last_eval: dict = {}
 
+    eval_reward = eval_reward_fn(c, tokenizer, reward_fn)
+
     def eval_fn(state):
         model = merge_model(state)
         res = sample_metrics(model, reference, eval_prompts, key=jax.random.key(seed + 7),
-                             reward_fn=lambda p, t: reward_fn(p, t, _rows(p, t, pad, eos)),
+                             reward_fn=eval_reward,
                              max_new_tokens=o.max_new_tokens, eos_id=eos, pad_id=pad,
                              chunk=chunk)
         last_eval.clear()
@@ -247,6 +249,13 @@ def train(c: ConfigDict, workdir: str) -> dict:
         export(model.decoder if isinstance(model, PolicyWithValue) else model,
                build.export_dir(workdir), tokenizer)
     return dict(last_eval)
+
+
+def eval_reward_fn(c: ConfigDict, tokenizer, reward_fn: Callable | None = None) -> Callable:
+    """`(prompt_ids, tokens) -> [b]` for `prefjax.eval.sample_metrics` from `reward_function`."""
+    reward_fn = reward_fn or reward_function(c)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    return lambda p, t: reward_fn(p, t, _rows(p, t, pad, eos))
 
 
 def _rows(prompt_ids, tokens, pad_id, eos_id):
