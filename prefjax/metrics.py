@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from prefjax.parallel import is_main_process
+from prefjax.paths import as_path, is_remote
 
 FILENAME = "metrics.jsonl"
 
@@ -29,7 +30,7 @@ def _scalar(v: Any) -> Any:
 
 def read_metrics(workdir: str | Path) -> list[dict]:
     """All records of `workdir/metrics.jsonl` in order (empty list when there is no file)."""
-    path = Path(workdir) / FILENAME
+    path = as_path(workdir) / FILENAME
     if not path.exists():
         return []
     lines = path.read_text().splitlines()
@@ -61,6 +62,9 @@ def _truncate(path: Path, resume_step: int | None) -> None:
             continue  # a torn last line from a crash
         if int(rec.get("step", -1)) <= resume_step:
             keep.append(line + "\n")
+    if is_remote(path):  # object stores replace whole objects atomically
+        path.write_text("".join(keep))
+        return
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(keep))
     os.replace(tmp, path)
@@ -101,24 +105,32 @@ class MetricsWriter:
 
     def __init__(self, workdir: str | Path, *, resume_step: int | None = None,
                  use_tensorboard: str | bool = "auto"):
-        self.path = Path(workdir) / FILENAME
+        self.path = as_path(workdir) / FILENAME
         self.enabled = is_main_process()
         self._file = self._tb = None
+        self._lines: list[str] | None = None  # remote files: rewritten whole (no append)
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # TensorBoard first: a missing required backend fails before the file is touched.
-        self._tb = _tensorboard_writer(Path(workdir) / "tensorboard", use_tensorboard)
+        self._tb = _tensorboard_writer(self.path.parent / "tensorboard", use_tensorboard)
         _truncate(self.path, resume_step)
-        self._file = self.path.open("a")
+        if is_remote(self.path):
+            self._lines = self.path.read_text().splitlines(keepends=True)
+        else:
+            self._file = self.path.open("a")
 
     def write(self, step: int, metrics: dict[str, Any]) -> dict:
         """Write one record; returns it (floats) for printing."""
         rec = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
         if not self.enabled:
             return rec
-        self._file.write(json.dumps(rec) + "\n")
-        self._file.flush()
+        if self._lines is not None:
+            self._lines.append(json.dumps(rec) + "\n")
+            self.path.write_text("".join(self._lines))
+        else:
+            self._file.write(json.dumps(rec) + "\n")
+            self._file.flush()
         if self._tb is not None:
             add_scalar, writer = self._tb
             for k, v in rec.items():

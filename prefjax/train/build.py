@@ -22,6 +22,7 @@ from prefjax.data import (
     tokenize_dataset,
 )
 from prefjax.data import synthetic as syn
+from prefjax.paths import as_path
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def make_optimizer(t: ConfigDict) -> optax.GradientTransformation:
 
 def export_dir(workdir: str | os.PathLike) -> Path:
     """Where a run writes its final policy as an HF folder (`save_hf`)."""
-    return Path(workdir) / "export"
+    return as_path(workdir) / "export"
 
 
 def _hf_folder(path: str) -> str:

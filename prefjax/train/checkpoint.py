@@ -16,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from prefjax.paths import as_path
 from prefjax.train.state import TrainState
 
 _SAVED = ("params", "rest", "opt_state", "step", "rng")  # graphdef is code, not data
@@ -43,7 +44,7 @@ class Checkpointer:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory)  # local or gs://
         self.best_metric, self.best_mode = best_metric or None, best_mode
         keepers = [policies.LatestN(n=keep)]
         if self.best_metric:

@@ -23,6 +23,7 @@ from ml_collections import ConfigDict
 from prefjax import losses, parallel
 from prefjax.data import BatchLoader, add_reference_logps, collate_pairs, collate_sequences
 from prefjax.lm import policy_out
+from prefjax.paths import as_path, is_remote, upload
 from prefjax.train import build
 from prefjax.train.checkpoint import Checkpointer
 from prefjax.train.loop import fit
@@ -123,7 +124,7 @@ def _ref_samples(c: ConfigDict, tokenizer, train_ds, reference, workdir: str):
 
     m, d = c.mpo, c.data
     if m.ref_samples == "generate":
-        path = Path(workdir) / "ref_samples"
+        path = as_path(workdir) / "ref_samples"
         if (path / "dataset_info.json").exists():
             return datasets.load_from_disk(str(path))
         ds = generate_samples(reference, train_ds, num=m.num_ref_samples,
@@ -180,7 +181,7 @@ def generate_samples(model: nnx.Module, prompts_ds, *, num: int, batch_size: int
 
 def write_config(c: ConfigDict, workdir: str | Path) -> None:
     """Write `workdir/config.json`; refuse to resume a workdir that ran another config."""
-    path = Path(workdir) / "config.json"
+    path = as_path(workdir) / "config.json"
     now = json.loads(c.to_json_best_effort())
     if path.exists():
         before = json.loads(path.read_text())
@@ -296,7 +297,7 @@ def train(c: ConfigDict, workdir: str) -> dict:
         return last_eval
 
     t = c.train
-    ckpt = Checkpointer(Path(workdir) / "checkpoints", keep=t.keep_checkpoints,
+    ckpt = Checkpointer(as_path(workdir) / "checkpoints", keep=t.keep_checkpoints,
                         save_every=t.save_every, best_metric=t.best_metric or None)
     with ckpt:
         state = fit(init_state, step, batches, num_steps=t.num_steps, workdir=workdir,
@@ -372,6 +373,13 @@ def export(model: nnx.Module, path: Path, tokenizer) -> Path:
     from prefjax.models.heads import RewardModel
     from prefjax.models.hf import save_hf
 
+    if is_remote(path):  # save_hf writes local files; copy them up afterwards
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            export(model, Path(tmp), tokenizer)
+            upload(tmp, path)
+        return path
     model = unwrap_policy(model)
     if isinstance(model, RewardModel):
         from prefjax.models.heads import save_reward_model

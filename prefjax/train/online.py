@@ -35,6 +35,7 @@ from prefjax.eval import sample_metrics
 from prefjax.lm import policy_out
 from prefjax.losses.ppo import gae, kl_shaped_rewards, rollout_metrics, whiten
 from prefjax.parallel import batch_shardings
+from prefjax.paths import as_path
 from prefjax.sampling import sample, training_rows
 from prefjax.train import build
 from prefjax.train.checkpoint import Checkpointer
@@ -237,7 +238,7 @@ def train(c: ConfigDict, workdir: str) -> dict:
         return res
 
     t = c.train
-    ckpt = Checkpointer(Path(workdir) / "checkpoints", keep=t.keep_checkpoints,
+    ckpt = Checkpointer(as_path(workdir) / "checkpoints", keep=t.keep_checkpoints,
                         save_every=t.save_every, best_metric=t.best_metric or None)
     with ckpt:
         state = fit(lambda: state0, update, batches, num_steps=t.num_steps, workdir=workdir,
