@@ -71,6 +71,25 @@ def extend_mask(cache: KVCache, attention_mask: Array) -> tuple[Array, Array]:
     return key_mask, pos
 
 
+def forward_context(attention_mask: Array | None, shape: tuple[int, int],
+                    cache: KVCache | None, positions: Array | None):
+    """What a decoder forward of `[b, t]` tokens needs, with or without a cache.
+
+    Returns (mask [b, t], key mask [b, t or max_len], positions [b, t], query start, cache write
+    index or None). Shared by every decoder so cached and uncached forwards agree by construction.
+    """
+    b, t = shape
+    mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
+    if cache is None:
+        key_mask, start, index = mask, 0, None
+        pos = positions_from_mask(mask)
+    else:
+        check_room(cache, t)
+        key_mask, pos = extend_mask(cache, mask)
+        start = index = cache.index
+    return mask, key_mask, (pos if positions is None else positions), start, index
+
+
 def write(buf: Array, new: Array, index: Array) -> Array:
     """One layer's cache `[b, max_len, k, d]` with `new` `[b, t, k, d]` written at slot `index`."""
     return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, index, 0, 0))

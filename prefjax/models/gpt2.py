@@ -212,15 +212,8 @@ class GPT2(nnx.Module):
         """
         b, t = input_ids.shape
         self._check_positions(t, positions)
-        mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
-        if cache is None:
-            key_mask, start, index = mask, 0, None
-            pos = kvc.positions_from_mask(mask)
-        else:
-            kvc.check_room(cache, t)
-            key_mask, pos = kvc.extend_mask(cache, mask)
-            start = index = cache.index
-        pos = pos if positions is None else positions
+        _, key_mask, pos, start, index = kvc.forward_context(attention_mask, (b, t), cache,
+                                                             positions)
         allowed = kvc.causal_allowed(key_mask, start, t)
         # remat only saves activation memory for a backward pass; decoding with a cache has
         # none (and nnx.remat cannot run under the sampler's while_loop)

@@ -315,15 +315,8 @@ class Llama(nnx.Module):
                       ) -> tuple[Array, KVCache | None]:
         """Final-normed hidden states [b, t, d] (compute dtype) and the updated cache (or None)."""
         b, t = input_ids.shape
-        mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
-        if cache is None:
-            key_mask, start, index = mask, 0, None
-            pos = kvc.positions_from_mask(mask)
-        else:
-            kvc.check_room(cache, t)
-            key_mask, pos = kvc.extend_mask(cache, mask)
-            start = index = cache.index
-        pos = pos if positions is None else positions
+        _, key_mask, pos, start, index = kvc.forward_context(attention_mask, (b, t), cache,
+                                                             positions)
         full = kvc.causal_allowed(key_mask, start, t)
         windows = {self.config.window(i) for i in range(self.config.num_layers)} - {None}
         allowed = {w: kvc.causal_allowed(key_mask, start, t, w) for w in windows} | {None: full}
