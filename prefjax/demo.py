@@ -63,7 +63,7 @@ def compare(before: str, after: str, *, num_eval: int = 512, seed: int = 0) -> d
                            collate=functools.partial(collate_prompts, pad_id=syn.PAD_ID,
                                                      seq_len=16))
 
-    sample_kw = dict(key=jax.random.key(seed), reward_fn=syn.reward_jnp, max_new_tokens=8,
+    sample_kw = dict(key=jax.random.key(seed), reward_fn=syn.reward_of_samples, max_new_tokens=8,
                      eos_id=syn.EOS_ID, pad_id=syn.PAD_ID)
     out = {}
     for name, model in (("before", ref), ("after", pol)):

@@ -154,6 +154,17 @@ def reward_jnp(prompt_ids, response_ids) -> jnp.ndarray:
     return r.astype(jnp.float32)
 
 
+def reward_of_samples(prompt_ids, tokens) -> jnp.ndarray:
+    """r* of sampled responses `tokens` [b, n] (a sampler's output: pad after EOS) -> [b].
+
+    A sampled pad id in the middle of a response is an ordinary wrong token here (scored as
+    <unk>), not the end of the response as `reward_jnp` would read it; the pads after a row's EOS
+    are never reached, and a row without EOS has no pads.
+    """
+    y = jnp.asarray(tokens, jnp.int32)
+    return reward_jnp(prompt_ids, jnp.where(y == PAD_ID, UNK_ID, y))
+
+
 def reward_from_text(prompt: str, response: str) -> float:
     """r*(x, y) of text as stored in the datasets (the response counts as stopped)."""
     return float(_reward_row(np.asarray(_word_ids(prompt), np.int64),

@@ -57,7 +57,7 @@ def reward_function(c: ConfigDict) -> Callable:
             raise ValueError("online.reward='oracle' is the synthetic task's ground truth; with "
                              f"data.source={c.data.source!r} set online.reward to a reward model "
                              "folder (an rm run's workdir or its export)")
-        return lambda prompt_ids, tokens, rows: syn.reward_jnp(prompt_ids, tokens)
+        return lambda prompt_ids, tokens, rows: syn.reward_of_samples(prompt_ids, tokens)
     from prefjax.models.heads import HEAD_FILE, RewardModel
 
     folder = build._hf_folder(c.online.reward)

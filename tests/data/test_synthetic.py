@@ -193,3 +193,17 @@ def test_bad_labeling_arguments():
         S.make_preference_dataset(4, 0, labeling="vote")
     with pytest.raises(ValueError, match="temperature"):
         S.make_preference_dataset(4, 0, temperature=0.0)
+
+
+def test_reward_of_samples_reads_a_sampled_pad_as_a_wrong_token_not_the_end():
+    from prefjax.data.synthetic import EOS_ID, PAD_ID, reward_jnp, reward_of_samples
+
+    tok = S.make_tokenizer()
+    prompt = np.asarray([tok("copy a b c =")["input_ids"]])
+    a, b, c = (tok.convert_tokens_to_ids(s) for s in "abc")
+    exact = np.asarray([[a, b, c, EOS_ID, PAD_ID]])
+    np.testing.assert_allclose(reward_of_samples(prompt, exact), reward_jnp(prompt, exact))
+    mid_pad = np.asarray([[a, PAD_ID, c, EOS_ID, PAD_ID]])
+    as_unk = np.asarray([[a, 3, c, EOS_ID, PAD_ID]])  # 3 = <unk>
+    np.testing.assert_allclose(reward_of_samples(prompt, mid_pad), reward_jnp(prompt, as_unk))
+    assert float(reward_jnp(prompt, mid_pad)[0]) < float(reward_of_samples(prompt, mid_pad)[0])

@@ -1,8 +1,8 @@
 """Subprocess body of the SIGKILL tests: `python -m tests.train.resume_worker DIR DELAY NAME`.
 
 Runs configs/NAME.py:smoke (lengthened, see `resume_config`) through `prefjax.main.run`, the
-CLI's code path. Each step is delayed by DELAY seconds so the parent can kill the run mid-way; the delay
-wraps the jitted step from outside and changes no number.
+CLI's code path. Each step is delayed by DELAY seconds so the parent can kill the run mid-way;
+the delay wraps the jitted step from outside and changes no number.
 """
 
 import logging
