@@ -102,6 +102,8 @@ def make_rollout(c: ConfigDict, reference: nnx.Module, reward_fn: Callable, *, p
         scores = scores - o.missing_eos_penalty * (~ended)
         metrics = {**rollout_metrics(scores, out.token_logps, ref.token_logps, rows["loss_mask"],
                                      kl_coef=kl_coef if algo == "ppo" else 0.0),
+                   # TRL's estimate: -log pi(y|x) of the sampled responses, summed over tokens
+                   "objective/entropy": -jnp.mean(out.logps),
                    "rollout/length": jnp.mean(s.lengths.astype(jnp.float32)),
                    "rollout/eos_fraction": jnp.mean(ended.astype(jnp.float32))}
         if algo == "ppo":
@@ -169,10 +171,11 @@ def make_update(step, *, epochs: int, minibatches: int, paired: bool, mesh) -> C
             for p in parts:
                 state, m = step(state, p)
                 ms.append(m)
-        stacked = jax.tree.map(lambda *v: jnp.stack(v), *ms)
-        metrics = jax.tree.map(jnp.mean, stacked)
-        metrics["nonfinite"] = jnp.max(stacked["nonfinite"])  # any bad update stops the run
-        return state, {**metrics, **rollout["metrics"]}
+        # averaged on the host: a few scalars per update, no eager ops on mesh-sharded arrays
+        ms = jax.device_get(ms)
+        metrics = {k: np.mean([m[k] for m in ms]) for k in ms[0]}
+        metrics["nonfinite"] = max(m["nonfinite"] for m in ms)  # any bad update stops the run
+        return state, {**metrics, **jax.device_get(rollout["metrics"])}
 
     return update
 
