@@ -2,10 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CONFIG ?= configs/demo_synthetic.py
 WORKDIR ?= workdirs/demo
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-trl-env clean
 
 $(VENV)/.base: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,13 +20,24 @@ demo: $(VENV)/.base
 	$(PY) -m prefjax.demo --workdir=$(WORKDIR)
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check prefjax tests benchmarks experiments configs
 
-bench: $(VENV)/.test
+TRL_VENV ?= benchmarks/.venv-trl
+
+bench: $(VENV)/.test $(TRL_VENV)/.trl
 	$(PY) benchmarks/logps_memory.py
+	$(PY) benchmarks/dpo_step.py
+
+# HF TRL for the side-by-side DPO benchmark, in its own environment (torch pinned: CPU build)
+bench-trl-env: $(TRL_VENV)/.trl
+
+$(TRL_VENV)/.trl:
+	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/pip install -q torch==2.13.0 trl==1.16.0 transformers datasets accelerate
+	touch $@
 
 clean:
 	rm -rf $(VENV) workdirs
