@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -71,6 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _report import machine, write  # benchmarks/_report.py (scripts run from this folder)
 from flax import nnx
 
 from prefjax import losses
@@ -353,22 +353,10 @@ def merge_trl(rounds: list[dict | None], pairs: int) -> dict | None:
     return out
 
 
-def machine(peaks: dict, trl: dict | None) -> dict:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return dict(platform=platform.platform(), cpu_model=cpu or platform.processor(),
-                cpu_count=os.cpu_count(), backend=jax.default_backend(),
-                devices=[str(d) for d in jax.devices()], jax=jax.__version__,
-                torch=(trl or {}).get("torch"), trl=(trl or {}).get("trl"),
-                transformers=(trl or {}).get("transformers"),
-                load_avg_at_start=LOAD_AT_START,
-                matmul_peak_flops=peaks)
+def machine_with(peaks: dict, trl: dict | None) -> dict:
+    return machine(torch=(trl or {}).get("torch"), trl=(trl or {}).get("trl"),
+                   transformers=(trl or {}).get("transformers"),
+                   load_avg_at_start=LOAD_AT_START, matmul_peak_flops=peaks)
 
 
 def fmt(x, spec):
@@ -469,11 +457,8 @@ def main() -> None:
                              bfloat16=curves["bfloat16"], max_rel_diff=rel,
                              max_abs_diff=abs_diff, tolerance=a.bf16_tol,
                              within_tolerance=rel <= a.bf16_tol),
-        machine=machine(dict(peak=final, runs=peak_runs), trl))
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+        machine=machine_with(dict(peak=final, runs=peak_runs), trl))
+    write(result, a.out)
     if rel > a.bf16_tol:
         raise SystemExit(f"bf16 loss curve differs from float32 by {rel:.2e} > {a.bf16_tol}")
 

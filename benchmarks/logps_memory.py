@@ -19,15 +19,13 @@ logits tensor, what an unchunked log-softmax must materialise (its backward hold
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _report import machine, write  # benchmarks/_report.py (scripts run from this folder)
 from flax import nnx
 
 from prefjax import lm
@@ -111,13 +109,8 @@ def main() -> None:
         peak_definition="temp + args + output - alias",
         sizes=dict(batch=a.batch, seq=a.seq, vocab=a.vocab, hidden=a.hidden, layers=a.layers),
         naive_f32_logits_bytes=naive, rows=rows,
-        machine=dict(platform=platform.platform(), processor=platform.processor(),
-                     cpu_count=os.cpu_count(), backend=jax.default_backend(),
-                     devices=[str(d) for d in jax.devices()[:1]], jax=jax.__version__))
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+        machine=machine())
+    write(result, a.out)
 
 
 if __name__ == "__main__":

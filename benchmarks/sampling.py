@@ -18,9 +18,7 @@ both sides (checked) and tokens/s compares equal work.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -30,6 +28,7 @@ import jax
 import numpy as np
 import torch
 import transformers
+from _report import machine, write  # benchmarks/_report.py (scripts run from this folder)
 
 from prefjax.models.hf import load_hf
 from prefjax.sampling import Sampler
@@ -158,15 +157,10 @@ def main() -> None:
                    max_new_tokens=n, vocab=a.vocab, hidden=a.hidden, layers=a.layers,
                    heads=a.heads, kv_heads=a.kv_heads, runs=a.runs),
         rows=rows,
-        machine=dict(platform=platform.platform(), processor=platform.processor(),
-                     cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                     load_avg_1m=round(os.getloadavg()[0], 2), backend=jax.default_backend(),
-                     devices=[str(d) for d in jax.devices()[:1]], jax=jax.__version__,
-                     torch=torch.__version__, transformers=transformers.__version__))
-    out_path = Path(a.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out_path}")
+        machine=machine(torch_threads=torch.get_num_threads(),
+                        load_avg_1m=round(os.getloadavg()[0], 2), torch=torch.__version__,
+                        transformers=transformers.__version__))
+    write(result, a.out)
 
 
 if __name__ == "__main__":

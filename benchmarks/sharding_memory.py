@@ -26,14 +26,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _report import machine, write  # benchmarks/_report.py (scripts run from this folder)
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
@@ -155,13 +154,8 @@ def main() -> None:
         sizes=dict(vocab=a.vocab, hidden=a.hidden, mlp=a.mlp, layers=a.layers, heads=a.heads,
                    kv_heads=a.kv_heads, pairs=a.pairs, seq=a.seq, optimizer="adamw"),
         rows=rows,
-        machine=dict(platform=platform.platform(), processor=platform.processor(),
-                     cpu_count=os.cpu_count(), backend=jax.default_backend(),
-                     devices=[str(d) for d in jax.devices()[:1]], jax=jax.__version__))
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+        machine=machine())
+    write(result, a.out)
 
 
 if __name__ == "__main__":
