@@ -45,3 +45,38 @@ def test_online_algorithm_raises_ground_truth_reward_over_sft(sft_policy, tmp_pa
 @pytest.mark.slow
 def test_online_run_resumes_exactly_after_sigkill(tmp_path):
     check_sigkill_resume(tmp_path, "p3o_synthetic")
+
+
+@pytest.mark.slow
+def test_online_prompts_config_trains_a_local_hf_policy_against_a_local_reward_model(tmp_path):
+    """configs/online_prompts.py on a prompt-only jsonl, a local HF policy and an RM folder."""
+    import json
+
+    from flax import nnx
+
+    from prefjax.models.heads import RewardModel, save_reward_model
+    from prefjax.models.hf import load_hf
+    from tests.models.hf_fixtures import make_tiny_checkpoint
+
+    policy = make_tiny_checkpoint("llama", tmp_path / "policy")
+    decoder, tok = load_hf(policy)
+    rm_dir = save_reward_model(RewardModel(decoder, rngs=nnx.Rngs(1)), tmp_path / "rm",
+                               tokenizer=tok)
+    with (tmp_path / "prompts.jsonl").open("w") as f:
+        for i in range(48):
+            f.write(json.dumps({"prompt": f"question {i}: what is {i} plus {i % 7}?"}) + "\n")
+    for algo in ("p3o", "ppo"):
+        c = load_config(ROOT / "configs" / "online_prompts.py", f"algo={algo},smoke")
+        c.model.source = str(policy)
+        c.online.reward = str(rm_dir)
+        c.data.source = str(tmp_path / "prompts.jsonl")
+        c.data.eval_fraction = 0.34
+        c.eval.num_prompts = 16
+        work = tmp_path / f"run_{algo}"
+        final = run(c, str(work))
+        assert np.isfinite(final["reward"]) and np.isfinite(final["kl"])
+        recs = read_metrics(work)
+        assert recs[-1]["step"] == c.train.num_steps
+        assert all(np.isfinite(r["objective/scores"]) for r in recs)
+        exported, _ = load_hf(work / "export")  # the policy, without PPO's value head
+        assert exported.config.vocab_size == decoder.config.vocab_size
