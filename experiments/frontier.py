@@ -1,7 +1,53 @@
 """KL-reward frontiers on the synthetic task (as in the P3O paper), and MPO vs DPO under
 deterministic preferences.
 
-PLACEHOLDER: the measured summary goes here.
+Stage 0 trains the SFT policy (configs/sft_synthetic.py, 400 steps): the initial policy and the
+frozen reference of every later run. Each run is a config file's own experiment,
+`configs/<algo>_synthetic.py:<knob>=<s>,init_from=<SFT run>` (its learning rate, batch size and
+other defaults unchanged), trained by `prefjax.main.run` in `<out>/runs/<group>/<run>`; a finished
+run is reused (a workdir holding another config fails loudly), up to `--workers` runs at a time.
+
+Frontier (Bradley-Terry labels): DPO beta, IPO tau, MPO alpha (its off-policy KL weight, pair KL
+beta 0.1), P3O V1 and V2 `loss.kl_coef`, PPO `online.kl_coef` and online DPO beta, three strengths
+each; offline runs 60 steps, online runs 20 rollouts. Every 10 (offline) / 3 (online) steps the
+trainers log the ground-truth reward r* and KL(pi || ref) (k1 estimate) of temperature-1 samples on
+128 held-out prompts (`eval.sample=True` offline). Deterministic preferences (`labeling=argmax`):
+DPO at beta 0.1 and 0.5, MPO at alpha 0 and 1 (beta 0.1), 60 steps, the same evaluation.
+
+Two measurement details. The trainers evaluate from step `eval_every` on; the step-0 point is the
+SFT policy evaluated here with the trainer's own prompts, batches and sampling key (KL 0; checked
+equal to the trainer's evaluation after one step at lr 1e-9). Offline runs evaluate on the held-out
+pairs' prompts, online runs on a held-out prompt set, and PPO's batches of 64 draw other sampling
+keys than P3O's 32, so one SFT policy scores 0.346 / 0.351 / 0.385 (seed 0): raw rewards are not
+comparable across those groups. The figure therefore plots the gain, r* minus the SFT policy's r* on
+the same prompts and keys; the CSVs hold both (`algo, knob, strength, step, kl, reward, gain`).
+The k1 KL estimate is noisy near the reference and can dip below 0 (down to -0.03 here).
+
+Measured (default setting, seed 0; `--seed 1` in results/frontier/seed1; one run each, so gains
+of about 0.02 are within noise):
+  * Online methods improve r* steadily at small KL: after 20 rollouts P3O V1 +0.044..+0.071 at
+    KL 0.15-0.21, P3O V2 +0.022..+0.062 at 0.10-0.14, PPO +0.038..+0.053 at 0.03-0.16, online
+    DPO +0.043..+0.055 at 0.14-0.33 (seed 1: all four +0.032..+0.038 at KL 0.19-0.25).
+  * Offline DPO (lr 1e-3 from its config) is erratic: its best gain, +0.082, costs KL 1.9, and
+    beta 0.1 ends at KL 6.5 and -0.091; in seed 1 no DPO evaluation beats the SFT policy (beta 0.3
+    ends at KL 9.4, -0.53). IPO: best +0.063 at KL 1.6 (tau 0.3), tau 3 stays below KL 0.3
+    (gain <= +0.022). MPO: best +0.041 at KL 0.46, final gains -0.014..+0.011.
+  * So the P3O paper's headline, online pairwise RL (and PPO) dominating DPO on the KL-reward
+    frontier, reproduces in both seeds. Its finer claim, P3O above PPO, does not resolve at this
+    scale: P3O V1 leads PPO by 0.018 in seed 0 and ties in seed 1; V1 and V2 do not differ
+    consistently.
+  * Deterministic preferences: MPO with alpha = 1 keeps KL(pi || ref) at 0.09-0.26 over training
+    (final 0.09; seed 1: 0.12-0.22), the lowest of the four runs in both seeds; with alpha = 0 it
+    drifts to 0.9-6.9 (final 1.9; seed 1 final 0.50, so 2.7x alpha = 1's). DPO drifts fast at
+    both betas in seed 0 (final 3.4 and 3.1, peaks 6.5 and 4.8), but in seed 1 only at beta 0.1
+    (final 2.7) while beta 0.5 ends at 0.40: "DPO drifts regardless of beta" holds in one seed
+    of two. Nor does DPO's KL grow steadily: in seed 0 it jumps within 10-20 steps, then
+    fluctuates; in seed 1 (beta 0.1) it goes 0.4, 0.9, 0.8, 1.2, 3.9, 2.7. Staying close has
+    a price: MPO alpha = 1 ends +0.013 / +0.018 (seeds 0 / 1) above the SFT policy, DPO
+    +0.084 / +0.079 (beta 0.1 / 0.5) in seed 0 and +0.007 / +0.036 in seed 1.
+
+Usage: python experiments/frontier.py --out DIR [--small | --full] [--workers N] [--seed S]
+       [--only frontier|deterministic]
 """
 
 from __future__ import annotations
@@ -43,9 +89,8 @@ ALGOS = {
     "ppo": Algo("ppo_synthetic", "kl_coef", "kl", online=True),
     "online_dpo": Algo("online_dpo_synthetic", "beta", "beta", online=True),
 }
-# deterministic preferences: (name, algo, strength); MPO's pair-KL beta is 0.1 in both runs
-DETERMINISTIC = (("dpo", "dpo", 0.1), ("dpo", "dpo", 0.5),
-                 ("mpo_alpha0", "mpo", 0.0), ("mpo", "mpo", 1.0))
+# deterministic preferences: (algo, strength); MPO's pair-KL beta is 0.1 in both its runs
+DETERMINISTIC = (("dpo", 0.1), ("dpo", 0.5), ("mpo", 0.0), ("mpo", 1.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +165,8 @@ def jobs_of(setting: Setting, out: pathlib.Path) -> tuple[Job, list[Job], list[J
         ("train.eval_every", setting.sft_steps), ("train.save_every", setting.sft_steps)),
         str(sft_dir))
 
-    def job(name, algo_name, s, steps, group, labeling="bt"):
-        a = ALGOS[algo_name]
+    def job(name, s, steps, group, labeling="bt"):
+        a = ALGOS[name]
         arg = ",".join(filter(None, (a.fixed, f"{a.arg}={s:g}", f"init_from={sft_dir}",
                                      f"labeling={labeling}" if labeling != "bt" else "")))
         over = [("seed", setting.seed), ("train.num_steps", steps),
@@ -131,17 +176,17 @@ def jobs_of(setting: Setting, out: pathlib.Path) -> tuple[Job, list[Job], list[J
             over.append(("eval.sample", True))
         if setting.num_train:
             over.append(("data.num_train", setting.num_train))
-        if algo_name == "mpo":  # mpo.samples_per_batch (16) a step: each sample used once
+        if name == "mpo":  # mpo.samples_per_batch (16) a step: each sample used once
             over.append(("mpo.num_ref_samples", steps * 16))
         tag = f"{name}_{a.knob}{s:g}"
         return Job(name, a.knob, float(s), a.config, arg, tuple(over), str(out / "runs" / group
                                                                            / tag), a.online)
 
-    frontier = [job(name, name, s, setting.online_steps if ALGOS[name].online
+    frontier = [job(name, s, setting.online_steps if ALGOS[name].online
                     else setting.offline_steps, "frontier")
                 for name, strengths in setting.strengths for s in strengths]
-    det = [job(name, algo, s, setting.det_steps, "deterministic", labeling="argmax")
-           for name, algo, s in setting.deterministic]
+    det = [job(name, s, setting.det_steps, "deterministic", labeling="argmax")
+           for name, s in setting.deterministic]
     return sft, frontier, det
 
 
@@ -185,7 +230,8 @@ def train_all(jobs: list[Job], *, workers: int) -> dict[str, float]:
 def origin_reward(job: Job) -> float:
     """Ground-truth reward of the initial (SFT) policy under the job's own sampled evaluation
     (the same held-out prompts, batches and sampling key as the trainer's eval): its step-0
-    point, whose KL(pi || ref) is 0 by construction (the trainers evaluate from step 1 on)."""
+    point, whose KL(pi || ref) is 0 by construction (the trainers evaluate from step
+    `eval_every` on)."""
     c = _config(job)
     return _origin(job.online, c.model.init_from, c.data.labeling, c.seed, c.train.batch_size,
                    c.eval.num_prompts, c.online.max_new_tokens, c.data.num_eval)
@@ -274,8 +320,7 @@ def runs_of(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 
 COLORS = {"dpo": "tab:blue", "ipo": "tab:orange", "mpo": "tab:green", "p3o_v1": "tab:red",
-          "p3o_v2": "tab:purple", "ppo": "tab:brown", "online_dpo": "tab:pink",
-          "mpo_alpha0": "tab:olive"}
+          "p3o_v2": "tab:purple", "ppo": "tab:brown", "online_dpo": "tab:pink"}
 MARKERS = "osD^v<>"
 
 
@@ -288,7 +333,7 @@ def plot_frontier(rows: list[dict], path: pathlib.Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax_env) = plt.subplots(1, 2, figsize=(13, 5.2), sharex=True, sharey=True)
+    fig, (ax, ax_env) = plt.subplots(1, 2, figsize=(13, 5.2), sharex=True)
     runs = runs_of(rows)
     for algo in dict.fromkeys(r["algo"] for r in rows):
         color = COLORS.get(algo, "k")
@@ -306,7 +351,7 @@ def plot_frontier(rows: list[dict], path: pathlib.Path, title: str) -> None:
         a.plot([0], [0], "k*", ms=11)
         a.axhline(0, color="k", lw=0.6)
         a.set_xscale("symlog", linthresh=0.1)
-        a.set_xlim(left=0)
+        a.set_xlim(left=min(0.0, 1.2 * min(r["kl"] for r in rows)))  # k1 estimates can be < 0
         a.set_xlabel("KL(pi || ref) of sampled responses (nats; linear below 0.1, log above)")
         a.grid(alpha=0.3)
     ax.set_ylabel("r* gain over the SFT policy (same eval prompts)")
@@ -385,8 +430,12 @@ def run(setting: Setting = SETTINGS["default"], out: pathlib.Path = DEFAULT_OUT,
         plot(rows, out / f"{key}.png", title)
         res[key] = rows
     res["total_seconds"] = time.perf_counter() - t0
-    (out / "timing.json").write_text(json.dumps(
-        {"total_seconds": res["total_seconds"], "runs": seconds}, indent=1))
+    timing = out / "timing.json"  # training seconds of each run, kept across cached re-runs
+    old = json.loads(timing.read_text()) if timing.exists() else {}
+    runs = {**old.get("runs", {}),
+            **{str(pathlib.Path(k).relative_to(out)): round(v, 1) for k, v in seconds.items()}}
+    timing.write_text(json.dumps({"runs": runs, "last_invocation_seconds": res["total_seconds"],
+                                  "last_invocation_trained": len(seconds)}, indent=1))
     return res
 
 
