@@ -125,6 +125,9 @@ def parse_arg(arg: str | None, **defaults) -> ConfigDict:
     for part in filter(None, (arg or "").split(",")):
         key, eq, value = part.partition("=")
         key = key.strip()
+        if key not in defaults:  # a typo must not silently run the default experiment
+            raise ValueError(f"unknown config argument {key!r} in {arg!r}; this config takes "
+                             f"{sorted(defaults)}")
         if not eq:
             out[key] = True
             continue

@@ -175,3 +175,8 @@ def test_hh_configs_train_a_local_hf_model_on_local_hh_data(tmp_path, name):
 
     exported, tok = load_hf(tmp_path / "run" / "export")
     assert tok is not None and exported.config.vocab_size == 160
+
+
+def test_unknown_config_argument_fails_naming_it():
+    with pytest.raises(ValueError, match="'bta'"):
+        load_config(ROOT / "configs" / "dpo_synthetic.py", "bta=0.3")
