@@ -21,7 +21,9 @@ from prefjax.sampling import sample, training_rows
 Array = jax.Array
 
 
-def _logps_fn(chunk: int | None):
+def logps_fn(chunk: int | None = None):
+    """Jitted `(model, batch) -> [b]` sequence log-probs over `loss_mask` (no gradient use)."""
+
     @nnx.jit
     def f(model, batch):
         return policy_out(model, batch, chunk_size=chunk).logps
@@ -38,7 +40,7 @@ def pair_metrics(policy: nnx.Module, reference: nnx.Module | None,
     policy log-probs. Ties (e.g. policy == reference) count 1/2, so an untrained policy scores
     exactly 0.5. Returns accuracy, the mean margin and the number of pairs.
     """
-    f = _logps_fn(chunk)
+    f = logps_fn(chunk)
     wins, margins = [], []
     for batch in batches:
         batch = {k: jnp.asarray(v) for k, v in batch.items()
@@ -68,7 +70,7 @@ def sample_metrics(policy: nnx.Module, reference: nnx.Module | None,
     unbiased); with `greedy` or another temperature it is reported as `logratio` instead, since it
     is then no KL of the policy.
     """
-    f = _logps_fn(chunk)
+    f = logps_fn(chunk)
     rewards, ratios, lengths = [], [], []
     for i, batch in enumerate(prompt_batches):
         ids, mask = batch["input_ids"], batch["attention_mask"]

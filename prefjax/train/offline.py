@@ -88,13 +88,6 @@ class MixedLoader:
         return out
 
 
-def _logps_fn(model: nnx.Module, chunk: int | None):
-    """Jitted `batch -> [b]` sequence log-probs of a frozen model (for precomputed references)."""
-    graphdef, state = nnx.split(model)
-    f = jax.jit(lambda st, b: policy_out(nnx.merge(graphdef, st), b, chunk_size=chunk).logps)
-    return lambda batch: f(state, batch)
-
-
 def _materialize(decoder, seed: int) -> nnx.Module:
     return decoder if isinstance(decoder, nnx.Module) else decoder(nnx.Rngs(seed))
 
@@ -240,7 +233,10 @@ def train(c: ConfigDict, workdir: str) -> dict:
         decoder = (RewardModel(base, rngs=nnx.Rngs(c.seed)) if isinstance(base, nnx.Module)
                    else lambda rngs: RewardModel(base(rngs), rngs=rngs))
     elif use_ref and mode == "precomputed":
-        ref_fn = _logps_fn(_reference_module(c, decoder), chunk)
+        from prefjax.eval import logps_fn
+
+        ref, f = _reference_module(c, decoder), logps_fn(chunk)
+        ref_fn = functools.partial(f, ref)
         bs = c.train.batch_size
         train_ds = add_reference_logps(train_ds, ref_fn, batch_size=bs, collate=collate,
                                        columns=columns)
