@@ -67,8 +67,9 @@ def export_dir(workdir: str | os.PathLike) -> Path:
     return as_path(workdir) / "export"
 
 
-def _hf_folder(path: str) -> str:
-    """A run's workdir stands for its exported policy; anything else is an HF folder/name."""
+def hf_folder(path: str) -> str:
+    """What `from_pretrained` should read for `path`: a run's workdir stands for its exported
+    policy, so configs can name the run; anything else is already an HF folder/name."""
     exported = export_dir(path)
     return str(exported) if (exported / "config.json").exists() else path
 
@@ -76,7 +77,7 @@ def _hf_folder(path: str) -> str:
 def init_source(c: ConfigDict) -> str:
     """The HF folder the policy starts from, or "tiny" for a random init from `config.model`."""
     if c.model.init_from:
-        return _hf_folder(c.model.init_from)
+        return hf_folder(c.model.init_from)
     return c.model.source if c.model.source != "tiny" else "tiny"
 
 
@@ -129,6 +130,26 @@ def decoder_fn(c: ConfigDict, tokenizer) -> Callable[[nnx.Rngs], nnx.Module] | n
                          max_position_embeddings=m.max_position_embeddings, **ids)
         return lambda rngs: GPT2(cfg, rngs=rngs, dtype=dtype, remat=m.remat)
     raise ValueError(f"model.arch must be 'llama' or 'gpt2', got {m.arch!r}")
+
+
+def materialize(decoder, seed: int) -> nnx.Module:
+    """`decoder_fn`'s result as a module: a loaded one as is, a random one initialised at `seed`."""
+    return decoder if isinstance(decoder, nnx.Module) else decoder(nnx.Rngs(seed))
+
+
+def reference_module(c: ConfigDict, decoder) -> nnx.Module:
+    """The frozen reference: `reference.source` (HF folder / run workdir) or the initial policy.
+
+    Without `reference.source` a loaded `decoder` is returned itself, not a copy: a caller that
+    also trains it as the policy must `nnx.clone` it when `ref is policy`, or the reference moves.
+    """
+    if c.reference.source:
+        from prefjax.models.hf import load_hf
+
+        ref, _ = load_hf(hf_folder(c.reference.source), dtype=DTYPES[c.model.dtype],
+                         tokenizer=False)
+        return ref
+    return materialize(decoder, c.seed)
 
 
 def load_data(c: ConfigDict, tokenizer, kind: str):

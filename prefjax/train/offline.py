@@ -88,21 +88,6 @@ class MixedLoader:
         return out
 
 
-def _materialize(decoder, seed: int) -> nnx.Module:
-    return decoder if isinstance(decoder, nnx.Module) else decoder(nnx.Rngs(seed))
-
-
-def _reference_module(c: ConfigDict, decoder) -> nnx.Module:
-    """The frozen reference: `reference.source` (HF folder / run workdir) or the initial policy."""
-    if c.reference.source:
-        from prefjax.models.hf import load_hf
-
-        ref, _ = load_hf(build._hf_folder(c.reference.source),
-                         dtype=build.DTYPES[c.model.dtype], tokenizer=False)
-        return ref
-    return _materialize(decoder, c.seed)
-
-
 def _ref_samples(c: ConfigDict, tokenizer, train_ds, reference, workdir: str):
     """MPO's reference-policy samples as a tokenized completion dataset.
 
@@ -235,7 +220,7 @@ def train(c: ConfigDict, workdir: str) -> dict:
     elif use_ref and mode == "precomputed":
         from prefjax.eval import logps_fn
 
-        ref, f = _reference_module(c, decoder), logps_fn(chunk)
+        ref, f = build.reference_module(c, decoder), logps_fn(chunk)
         ref_fn = functools.partial(f, ref)
         bs = c.train.batch_size
         train_ds = add_reference_logps(train_ds, ref_fn, batch_size=bs, collate=collate,
@@ -245,7 +230,7 @@ def train(c: ConfigDict, workdir: str) -> dict:
     elif use_ref and mode == "live":
         # both halves concrete, so the state is placed from the module (no weights baked into
         # a jitted init)
-        policy, ref = _materialize(decoder, c.seed), _reference_module(c, decoder)
+        policy, ref = build.materialize(decoder, c.seed), build.reference_module(c, decoder)
         decoder = WithReference(policy, nnx.clone(ref) if ref is policy else ref)
         forward, trainable = live_reference_forward(chunk), POLICY_PARAMS
 
@@ -253,7 +238,7 @@ def train(c: ConfigDict, workdir: str) -> dict:
     batches = BatchLoader(train_ds, batch_size=c.train.batch_size, collate=collate, seed=c.seed,
                           process_index=pi, process_count=pc)
     if c.algo == "mpo" and c.loss.alpha:
-        refs = _ref_samples(c, tokenizer, train_ds, _reference_module(c, decoder), workdir)
+        refs = _ref_samples(c, tokenizer, train_ds, build.reference_module(c, decoder), workdir)
         samples = BatchLoader(refs, batch_size=c.mpo.samples_per_batch,
                               seed=c.seed + 1, process_index=pi, process_count=pc,
                               collate=functools.partial(collate_sequences, pad_id=pad,
@@ -318,7 +303,7 @@ def _sampled_eval(c: ConfigDict, eval_ds, decoder, tokenizer):
     if c.algo in ("sft", "reward_bt"):
         raise ValueError(f"eval.sample needs a policy trained against a reference; algo "
                          f"{c.algo!r} has none")
-    reference = _reference_module(c, decoder)
+    reference = build.reference_module(c, decoder)
     if reference is decoder:
         reference = nnx.clone(decoder)
     bs = c.train.batch_size

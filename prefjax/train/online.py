@@ -60,7 +60,7 @@ def reward_function(c: ConfigDict) -> Callable:
         return lambda prompt_ids, tokens, rows: syn.reward_of_samples(prompt_ids, tokens)
     from prefjax.models.heads import HEAD_FILE, RewardModel
 
-    folder = build._hf_folder(c.online.reward)
+    folder = build.hf_folder(c.online.reward)
     if not (Path(folder) / HEAD_FILE).exists():
         raise FileNotFoundError(f"online.reward={c.online.reward!r}: no {HEAD_FILE} in {folder}; "
                                 "point it at a reward-model run (configs/rm_synthetic.py)")
@@ -198,10 +198,8 @@ def train(c: ConfigDict, workdir: str) -> dict:
     optimizer = build.make_optimizer(c.train)
     decoder = build.decoder_fn(c, tokenizer)
     seed = c.seed
-    policy = decoder if isinstance(decoder, nnx.Module) else decoder(nnx.Rngs(seed))
-    from prefjax.train.offline import _reference_module
-
-    reference = _reference_module(c, decoder)
+    policy = build.materialize(decoder, seed)
+    reference = build.reference_module(c, decoder)
     if reference is policy:
         reference = nnx.clone(policy)
     if c.algo == "ppo":

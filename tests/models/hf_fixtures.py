@@ -4,18 +4,28 @@
 tokenizer beside them; `hf_logits` runs the saved folder (or a loaded torch model) with the
 mask-derived position_ids prefjax uses. Weights are redrawn with a larger scale than HF's init
 (and norms/biases made non-trivial) so that parity tests compare logits of order 1, where a
-mapping mistake cannot hide.
+mapping mistake cannot hide. `from_torch` and `clone` build the prefjax side from those weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from flax import nnx
 
-KINDS = ("llama", "llama3_rope", "qwen2", "qwen2_tied", "mistral", "gpt2")
+from prefjax.models import llama as L
+
+LLAMA_KINDS = ("llama", "llama3_rope", "qwen2", "qwen2_tied", "mistral")  # prefjax's Llama class
+KINDS = (*LLAMA_KINDS, "gpt2")
+# name -> GPT-2 config overrides; the second covers the options the default leaves off
+GPT2_VARIANTS = {"gpt2": {}, "gpt2_untied_scaled": dict(
+    tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True, n_inner=96)}
 VOCAB = 160
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3
 
@@ -142,3 +152,22 @@ def padded_batch(seed: int = 0, t: int = 16, vocab: int = VOCAB):
     mask[2, 4:] = 1  # left padding
     mask[3, t - 7:] = 1  # left padding, short
     return (ids * mask).astype(np.int32), mask.astype(np.int32)
+
+
+def from_torch(hf, **kw) -> L.Llama:
+    """A prefjax Llama holding the torch model's weights (via the HF hooks, no files)."""
+    cfg = L.config_from_hf(hf.config.to_dict())
+    model = L.Llama(cfg, rngs=nnx.Rngs(0), **kw)
+    tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, L.params_from_hf(tensors, cfg)))
+    nnx.update(model, state)
+    return model
+
+
+def clone(model: nnx.Module, **kw) -> nnx.Module:
+    """Same weights, other construction options (dtype, remat, `config` fields); any decoder."""
+    cfg = dataclasses.replace(model.config, **kw.pop("config", {}))
+    other = type(model)(cfg, rngs=nnx.Rngs(1), **kw)
+    nnx.update(other, nnx.state(model, nnx.Param))
+    return other

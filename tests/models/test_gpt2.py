@@ -1,4 +1,7 @@
-"""GPT-2 decoder against HF PyTorch: logits via load_hf, KV-cache decoding, save_hf round trip."""
+"""GPT-2 only: padding, n_positions, save_hf round trip, config and parameter-name mapping.
+
+What every decoder must do (HF logit parity, KV cache, bf16, remat) is in test_decoders.py.
+"""
 
 from __future__ import annotations
 
@@ -13,48 +16,11 @@ from jax.sharding import PartitionSpec
 from prefjax import parallel
 from prefjax.models import gpt2 as G
 from prefjax.models.hf import load_hf, save_hf
-from tests.models.hf_fixtures import hf_logits, make_tiny_checkpoint, mask_positions, padded_batch
-
-VARIANTS = {"default": {}, "untied_scaled": dict(tie_word_embeddings=False,
-                                                scale_attn_by_inverse_layer_idx=True, n_inner=96)}
+from tests.models.hf_fixtures import GPT2_VARIANTS, hf_logits, mask_positions, padded_batch
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    made = {}
-
-    def get(variant="default"):
-        if variant not in made:
-            path = tmp_path_factory.mktemp(f"gpt2_{variant}")
-            make_tiny_checkpoint("gpt2", path, **VARIANTS[variant])
-            made[variant] = (path, load_hf(path, tokenizer=False)[0])
-        return made[variant]
-
-    return get
-
-
-def clone(model: G.GPT2, **kw) -> G.GPT2:
-    """Same weights, other construction options."""
-    other = G.GPT2(model.config, rngs=nnx.Rngs(1), **kw)
-    nnx.update(other, nnx.state(model, nnx.Param))
-    return other
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_logits_match_hf_on_padded_batch(variant, ckpt):
-    path, model = ckpt(variant)
-    assert isinstance(model, G.GPT2)
-    ids, mask = padded_batch()  # full, right-padded and two left-padded rows
-    ref = hf_logits(path, ids, mask)
-    out = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
-    real = mask.astype(bool)
-    assert out.dtype == np.float32 and out.shape == ref.shape
-    assert ref[real].std() > 0.3  # logits of order 1: a 1e-4 match is not trivially small
-    assert np.abs(out - ref)[real].max() <= 1e-4
-
-
-def test_padding_does_not_leak_and_positions_can_be_explicit(ckpt):
-    _, model = ckpt()
+def test_padding_does_not_leak_and_positions_can_be_explicit(zoo):
+    _, model = zoo("gpt2")
     ids, mask = padded_batch()
     out = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     noisy = np.where(mask == 1, ids, np.random.default_rng(5).integers(4, 100, ids.shape))
@@ -65,47 +31,8 @@ def test_padding_does_not_leak_and_positions_can_be_explicit(ckpt):
     np.testing.assert_allclose(np.asarray(explicit)[real], out[real], atol=1e-6)
 
 
-def test_logits_are_hidden_states_times_unembed(ckpt):
-    for variant in VARIANTS:
-        _, model = ckpt(variant)
-        ids, mask = map(jnp.asarray, padded_batch())
-        h, cache = model.hidden_states(ids, mask)
-        w = model.unembed()
-        assert cache is None and h.shape == (4, 16, 64) and w.shape == (64, 160)
-        if model.config.tie_word_embeddings:
-            np.testing.assert_array_equal(np.asarray(w), np.asarray(model.wte[...]).T)
-        np.testing.assert_allclose(np.asarray(h @ w), np.asarray(model(ids, mask)), atol=1e-6)
-
-
-@pytest.mark.parametrize("spare", [0, 3])
-def test_kv_cache_decode_matches_full_forward(spare, ckpt):
-    _, model = ckpt()
-    r = np.random.default_rng(1)
-    p, n = 6, 5
-    lengths = np.array([6, 4, 2])
-    pmask = (np.arange(p)[None] >= p - lengths[:, None]).astype(np.int32)  # left padded
-    prompt = (r.integers(4, 150, (3, p)) * pmask).astype(np.int32)
-    cache = model.init_cache(3, p + n + spare)
-    assert cache.k.shape == (2, 3, p + n + spare, 4, 16)
-    logits, cache = model(jnp.asarray(prompt), jnp.asarray(pmask), cache=cache)
-    full = model(jnp.asarray(prompt), jnp.asarray(pmask))
-    assert np.abs(np.asarray(logits - full))[pmask.astype(bool)].max() <= 1e-4
-
-    step = nnx.jit(lambda m, tok, c: m(tok, cache=c))
-    toks, steps = [], []
-    for _ in range(n):
-        toks.append(jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32))
-        logits, cache = step(model, toks[-1], cache)
-        steps.append(logits[:, 0])
-    seq = np.concatenate([prompt, *map(np.asarray, toks)], axis=1)
-    smask = np.concatenate([pmask, np.ones((3, n), np.int32)], axis=1)
-    ref = model(jnp.asarray(seq), jnp.asarray(smask))[:, p:]
-    assert np.abs(np.asarray(jnp.stack(steps, axis=1) - ref)).max() <= 1e-4
-    assert int(cache.index) == p + n
-
-
-def test_positions_beyond_n_positions_are_an_error(ckpt):
-    _, model = ckpt()  # n_positions = 64
+def test_positions_beyond_n_positions_are_an_error(zoo):
+    _, model = zoo("gpt2")  # n_positions = 64
     with pytest.raises(ValueError, match="65 tokens.*n_positions=64"):
         model(jnp.ones((1, 65), jnp.int32))
     with pytest.raises(ValueError, match="position 64 is beyond n_positions=64"):
@@ -114,10 +41,10 @@ def test_positions_beyond_n_positions_are_an_error(ckpt):
         model.init_cache(1, 65)
 
 
-def test_save_hf_round_trip(ckpt, tmp_path):
-    for variant in VARIANTS:
-        _, model = ckpt(variant)
-        out = save_hf(model, tmp_path / variant)
+def test_save_hf_round_trip(zoo, tmp_path):
+    for name in GPT2_VARIANTS:
+        _, model = zoo(name)
+        out = save_hf(model, tmp_path / name)
         ids, mask = padded_batch(seed=2)
         real = mask.astype(bool)
         ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
@@ -143,30 +70,8 @@ def test_config_from_hf_and_unsupported_fields():
         G.config_from_hf({**d, "n_head": 5})
 
 
-def test_bf16_compute_and_remat(ckpt):
-    _, model = ckpt()
-    ids, mask = map(jnp.asarray, padded_batch())
-    ref = np.asarray(model(ids, mask))
-    fast = clone(model, dtype=jnp.bfloat16)
-    h, _ = fast.hidden_states(ids, mask)
-    out = fast(ids, mask)
-    assert h.dtype == jnp.bfloat16 and out.dtype == jnp.float32
-    err = np.abs(np.asarray(out) - ref)[np.asarray(mask).astype(bool)]
-    assert err.max() < 0.3 and err.mean() < 0.05  # bf16 keeps ~3 significant digits
-
-    def loss(m):
-        logp = jax.nn.log_softmax(m(ids, mask)[:, :-1])
-        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
-
-    vg = nnx.jit(nnx.value_and_grad(loss))
-    (l1, g1), (l2, g2) = vg(model), vg(clone(model, remat=True))
-    np.testing.assert_allclose(float(l2), float(l1), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-5)
-
-
-def test_parameters_carry_logical_axis_names(ckpt):
-    _, model = ckpt("untied_scaled")
+def test_parameters_carry_logical_axis_names(zoo):
+    _, model = zoo("gpt2_untied_scaled")
     want = {("wte",): ("vocab", "embed"), ("wpe",): ("pos", "embed"),
             ("q", "kernel"): ("embed", "heads"), ("k", "kernel"): ("embed", "heads"),
             ("v", "kernel"): ("embed", "heads"), ("o", "kernel"): ("heads", "embed"),
