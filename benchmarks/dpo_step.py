@@ -34,6 +34,11 @@ Peak = a MEASURED matmul rate of this machine: for each n in `--peak-sizes`, the
 start and again at the end of the run; the peak is the best of those medians (other processes
 only ever lower a measurement), in float32 and in bfloat16 (float32 rows are held against the
 float32 peak, bfloat16 rows against the bf16 one).
+Ceiling = the MFU the step would reach if all its non-matmul work were free: every matmul of
+the step (`step_dots`: each dense layer's forward, dx and dW, the four attention products) is
+jitted alone at the step's own shapes and timed (median of `--peak-reps`, best of a measurement
+at the start and one at the end); model FLOPs / the sum of those times / peak. The model's
+matmuls are skinnier than the square peak matmul, so this is what MFU can reach on this machine.
 
 Memory (CPU): the compiled step's XLA `memory_analysis()` — temp (activations, grads in
 flight) + arguments (train state + batch) + outputs - aliased (donated state) — an exact
@@ -58,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -161,6 +167,68 @@ def measured_peak(dtype, sizes: list[int], reps: int) -> dict | None:
         print(f"matmul peak in {jnp.dtype(dtype).name}: unsupported ({e})")
         return None
     return dict(peak=max(per_size.values()), per_size=per_size)
+
+
+def _dims(spec: str, shapes: tuple) -> dict[str, int]:
+    ins = spec.split("->")[0].split(",")
+    return {c: n for sub, shape in zip(ins, shapes, strict=True)
+            for c, n in zip(sub, shape, strict=True)}
+
+
+def step_dots(cfg: LlamaConfig, rows: int, seq: int) -> list[tuple[str, tuple, int, int]]:
+    """Every matmul of one policy forward + backward: (einsum, operand shapes, forward count,
+    total count). A forward runs `forward count` of each; forward + backward runs `total`.
+
+    A dense layer [in, out] on T tokens is y = x W (forward), dx = dy W^T and dW = x^T dy
+    (backward); attention is S = Q K^T and O = P V per head group (forward) and dP = dO V^T,
+    dV = P^T dO, dQ = dS K, dK = dS^T Q (backward), per (row, kv head) on [group * t, head_dim]
+    queries, as `prefjax.models.cache.attend` lays them out.
+    """
+    t, d, hd, f = rows * seq, cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    kh, g = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+    dense = [(d, cfg.num_heads * hd), (d, kh * hd), (d, kh * hd), (cfg.num_heads * hd, d),
+             (d, f), (d, f), (f, d)]
+    shapes: dict[tuple, int] = {}
+    for pair in dense:
+        shapes[pair] = shapes.get(pair, 0) + cfg.num_layers
+    shapes[(d, cfg.vocab_size)] = shapes.get((d, cfg.vocab_size), 0) + 1  # unembedding
+    out = []
+    for (i, o), n in shapes.items():
+        out += [("ti,io->to", ((t, i), (i, o)), n, n), ("to,io->ti", ((t, o), (i, o)), 0, n),
+                ("ti,to->io", ((t, i), (t, o)), 0, n)]
+    q, kv, p = (rows * kh, g * seq, hd), (rows * kh, seq, hd), (rows * kh, g * seq, seq)
+    n = cfg.num_layers
+    out += [("nqd,nsd->nqs", (q, kv), n, 2 * n),  # S = Q K^T; backward dP = dO V^T
+            ("nqs,nsd->nqd", (p, kv), n, 2 * n),  # O = P V; backward dQ = dS K
+            ("nqs,nqd->nsd", (p, q), 0, 2 * n)]  # backward dV = P^T dO, dK = dS^T Q
+    return out
+
+
+def matmul_ceiling(cfg: LlamaConfig, rows: int, seq: int, dtype, reps: int) -> dict:
+    """Seconds that the step's own matmuls take when each runs alone (jitted, median of `reps`).
+
+    The fastest a step could be if everything but its matmuls were free, at the rate XLA
+    reaches on these shapes (skinnier than the square peak matmul): the attainable MFU.
+    """
+    key = jax.random.key(0)
+    policy = forward = 0.0
+    per_dot = []
+    for spec, shapes, n_fwd, n_all in step_dots(cfg, rows, seq):
+        args = [jax.random.normal(key, s, jnp.float32).astype(dtype) for s in shapes]
+        dot = jax.jit(lambda x, y, spec=spec: jnp.einsum(spec, x, y))
+        jax.block_until_ready(dot(*args))
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(dot(*args))
+            times.append(time.perf_counter() - t0)
+        sec = statistics.median(times)
+        flops = 2 * math.prod(_dims(spec, shapes).values())
+        per_dot.append(dict(einsum=spec, shapes=shapes, count=n_all, seconds=sec,
+                            flops_per_s=flops / sec))
+        policy += n_all * sec
+        forward += n_fwd * sec
+    return dict(policy_fwd_bwd_s=policy, forward_s=forward, per_dot=per_dot)
 
 
 def best_peaks(runs: dict) -> dict:
@@ -365,13 +433,15 @@ def fmt(x, spec):
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'framework':<9} {'mode':<12} {'dtype':<8} {'step ms':>8} {'pairs/s':>8} "
-          f"{'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6} {'XLA peak MiB':>12} {'max RSS MiB':>11}")
+          f"{'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6} {'ceiling':>7} {'XLA peak MiB':>12} "
+          f"{'max RSS MiB':>11}")
     for r in rows:
         mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else f"{'-':>6}"
+        ceil = f"{100 * r['mfu_ceiling']:6.1f}%" if r.get("mfu_ceiling") else f"{'-':>7}"
         print(f"{r['framework']:<9} {r['mode']:<12} {r['dtype']:<8} "
               f"{fmt(r.get('step_s', 0) * 1e3, '8.1f')} {fmt(r.get('pairs_per_s'), '8.2f')} "
               f"{fmt(r.get('tokens_per_s'), '9.0f')} "
-              f"{fmt((r.get('flops_per_s') or 0) / 1e9, '8.1f')} {mfu} "
+              f"{fmt((r.get('flops_per_s') or 0) / 1e9, '8.1f')} {mfu} {ceil} "
               f"{fmt(r['peak_bytes'] / MiB if r.get('peak_bytes') else None, '12.1f')} "
               f"{fmt(r['max_rss_bytes'] / MiB if r.get('max_rss_bytes') else None, '11.1f')}")
 
@@ -391,6 +461,8 @@ def main() -> None:
 
     best_peaks(peak_runs)
     batch = make_batches(a, 1)[0]
+    ceiling_runs = {d: [matmul_ceiling(cfg, 2 * a.pairs, a.seq, DTYPES[d], a.peak_reps)]
+                    for d in a.dtypes.split(",")}
     runs = []
     for dname in a.dtypes.split(","):
         for mode in a.modes.split(","):
@@ -420,13 +492,26 @@ def main() -> None:
     for d in DTYPES:
         peak_runs[d].append(measured_peak(DTYPES[d], sizes, a.peak_reps))
     final = best_peaks(peak_runs)
+    for d, rs in ceiling_runs.items():  # like the peak: the faster of the two measurements
+        rs.append(matmul_ceiling(cfg, 2 * a.pairs, a.seq, DTYPES[d], a.peak_reps))
+    ceilings = {d: min(rs, key=lambda c: c["policy_fwd_bwd_s"]) for d, rs in ceiling_runs.items()}
+    for d, c in ceilings.items():
+        print(f"matmuls of the step alone ({d}): policy fwd+bwd {c['policy_fwd_bwd_s'] * 1e3:.0f}"
+              f" ms, reference fwd {c['forward_s'] * 1e3:.0f} ms")
     for r in rows:
         p = final.get(r["dtype"]) or final["float32"]
         r["mfu"] = r["flops_per_s"] / p
+        c = ceilings[r["dtype"]]
+        r["matmul_only_s"] = c["policy_fwd_bwd_s"] + (c["forward_s"] if r["mode"] == "live" else 0)
+        r["mfu_ceiling"] = r["model_flops"] / r["matmul_only_s"] / p
     if trl is not None and "error" not in trl:
         trl["model_flops"] = model_flops(cfg, 2 * a.pairs, a.seq, live_ref=True)["total"]
         trl["flops_per_s"] = trl["model_flops"] / trl["step_s"]
         trl["mfu"] = trl["flops_per_s"] / final["float32"]
+        if "float32" in ceilings:  # the same model and matmuls as prefjax's live float32 row
+            c = ceilings["float32"]
+            trl["matmul_only_s"] = c["policy_fwd_bwd_s"] + c["forward_s"]
+            trl["mfu_ceiling"] = trl["model_flops"] / trl["matmul_only_s"] / final["float32"]
         rows.append(trl)
     print_table(rows)
     targets = target_status(rows, trl)
@@ -449,10 +534,16 @@ def main() -> None:
                         "live reference forward); N = matmul parameters (attention, MLP kernels "
                         "and unembedding), attn = 4 * layers * seq * heads * head_dim per token",
             mfu="model_flops / step_s / measured matmul peak of the row's compute dtype",
+            matmul_only_s="sum of the isolated times of every matmul of the step (each jitted "
+                          "alone at the step's shapes, median of peak_reps): policy forward + "
+                          "backward, plus a reference forward for live",
+            mfu_ceiling="model_flops / matmul_only_s / peak: the MFU of a step whose non-matmul "
+                        "work were free, at the rate XLA reaches on the step's matmul shapes",
             peak_bytes="XLA memory_analysis of the compiled step: temp + args + output - alias",
             max_rss_bytes="prefjax: process max RSS (getrusage) after building and compiling "
                           "the mode, cumulative over the run; trl: max RSS of its process"),
         rows=rows, targets=targets,
+        matmul_ceiling={d: c["per_dot"] for d, c in ceilings.items()},
         bf16_loss_curve=dict(steps=a.curve_steps, mode="precomputed", float32=curves["float32"],
                              bfloat16=curves["bfloat16"], max_rel_diff=rel,
                              max_abs_diff=abs_diff, tolerance=a.bf16_tol,

@@ -103,6 +103,39 @@ def chunked_logsumexp_and_target(h: Array, w: Array, targets: Array, chunk: int
     return lse, tgt
 
 
+@jax.custom_vjp
+def target_logps(h: Array, w: Array, targets: Array) -> Array:
+    """log softmax(h @ w)[n, targets] [n] float32 from h [n, d], w [d, v], targets int [n].
+
+    Unchunked: the float32 logits [n, v] are built once and kept for the backward. The VJP is
+    written out, dz = g (onehot(targets) - softmax(z)), so the backward is one elementwise pass
+    over [n, v] instead of autodiff's log-softmax transpose plus a scatter of the gather's
+    cotangent into a materialized [n, v] zero array.
+    """
+    return _target_logps_fwd(h, w, targets)[0]
+
+
+def _target_logps_fwd(h, w, targets):
+    z = jnp.matmul(h, w, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    tgt = jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0]
+    return tgt - lse, (h, w, targets, z, lse)
+
+
+def _target_logps_bwd(res, g):
+    h, w, targets, z, lse = res
+    onehot = jnp.arange(z.shape[1])[None, :] == targets[:, None]
+    dz = g[:, None] * (onehot.astype(jnp.float32) - jnp.exp(z - lse[:, None]))
+    # the products run in the compute dtype (as autodiff of the bf16 matmul would) with float32
+    # accumulation; for float32 compute this is the exact gradient
+    dh = jnp.matmul(dz.astype(w.dtype), w.T, preferred_element_type=jnp.float32)
+    dw = jnp.matmul(h.T, dz.astype(h.dtype), preferred_element_type=jnp.float32)
+    return dh.astype(h.dtype), dw.astype(w.dtype), None
+
+
+target_logps.defvjp(_target_logps_fwd, _target_logps_bwd)
+
+
 def logps_from_hidden(h: Array, w: Array, input_ids: Array, attention_mask: Array | None = None,
                       *, chunk_size: int | None = None) -> Array:
     """Token log-probs [b, t] float32 from hidden states h [b, t, d] and unembedding w [d, v].
@@ -114,8 +147,7 @@ def logps_from_hidden(h: Array, w: Array, input_ids: Array, attention_mask: Arra
     b, t, d = h.shape
     hs, tg = h[:, :-1].reshape(-1, d), input_ids[:, 1:].reshape(-1)
     if chunk_size is None:
-        z = jnp.matmul(hs, w, preferred_element_type=jnp.float32)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tg[:, None], axis=-1)[:, 0]
+        lp = target_logps(hs, w, tg)
     else:
         lse, tgt = chunked_logsumexp_and_target(hs, w, tg, chunk_size)
         lp = tgt - lse

@@ -102,6 +102,26 @@ def test_chunked_logsumexp_and_target_values_and_closed_form_grads(chunk):
     np.testing.assert_allclose(dw, r_dw, rtol=1e-4, atol=1e-5)
 
 
+def test_target_logps_values_and_closed_form_grads():
+    """The unchunked path's hand-written VJP against the float64 closed form."""
+    r = np.random.default_rng(2)
+    n, d = 12, 8
+    h = r.normal(size=(n, d)).astype(np.float32)
+    w = r.normal(size=(d, V)).astype(np.float32)
+    tg = r.integers(0, V, n)
+    g = r.normal(size=n)
+
+    def f(h, w):
+        return jnp.sum(lm.target_logps(h, w, jnp.asarray(tg)) * g.astype(np.float32))
+
+    lp = lm.target_logps(jnp.asarray(h), jnp.asarray(w), jnp.asarray(tg))
+    dh, dw = jax.jit(jax.grad(f, argnums=(0, 1)))(jnp.asarray(h), jnp.asarray(w))
+    r_lse, r_tgt, r_dh, r_dw = np_chunk_reference(h, w, tg, -g, g)
+    np.testing.assert_allclose(lp, r_tgt - r_lse, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dh, r_dh, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dw, r_dw, rtol=1e-4, atol=1e-5)
+
+
 def test_chunk_size_must_be_positive():
     with pytest.raises(ValueError, match="chunk_size"):
         lm.chunked_logsumexp_and_target(jnp.ones((2, 3)), jnp.ones((3, 5)), jnp.zeros(2, int), 0)

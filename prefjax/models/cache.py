@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -119,12 +120,57 @@ def attend(q: Array, k: Array, v: Array, allowed: Array, scale: float) -> Array:
     Returns [b, t, h, d] in v's dtype. Scores and softmax are float32. Disallowed scores get
     the most negative finite float, so a query with no visible key (a padding row) averages
     uniformly and stays finite instead of producing NaN.
+
+    The scores are computed head-major, one [g * t, s] matrix per (row, kv head), because XLA
+    CPU runs batched dots with leading batch dimensions at several times the speed of the
+    `btkgd,bskd` layout (benchmarks/README.md); the transposes in and out touch [b, t, h, d]
+    only, not the [t, s] scores.
     """
     b, t, h, d = q.shape
-    kh = k.shape[2]
-    qg = q.reshape(b, t, kh, h // kh, d)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(allowed[:, None, None], s, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v)
-    return o.reshape(b, t, h, -1)
+    s, kh = k.shape[1], k.shape[2]
+    qh = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4).reshape(b * kh, -1, d)
+    kh_, vh = (x.transpose(0, 2, 1, 3).reshape(b * kh, s, d) for x in (k, v))
+    o = _attention(qh, kh_, vh, allowed, scale)  # [b * kh, g * t, d]
+    return o.reshape(b, kh, h // kh, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def _masked_scores(q: Array, k: Array, allowed: Array, scale: float) -> Array:
+    """float32 scores [b * kh, g * t, s] of q [b * kh, g * t, d], k [b * kh, s, d]."""
+    n, gt, _ = q.shape
+    b, t, s = allowed.shape
+    z = jnp.einsum("nqd,nsd->nqs", q, k, preferred_element_type=jnp.float32)
+    z = z.reshape(b, n // b, gt // t, t, s)
+    z = jnp.where(allowed[:, None, None], z * scale, jnp.finfo(jnp.float32).min)
+    return z.reshape(n, gt, s)
+
+
+# An explicit backward: autodiff of softmax re-derives the row sums of p * dp over the [t, s]
+# scores; the flash-attention identity sum_s p * dp = sum_d o * do gets them from [t, d].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q: Array, k: Array, v: Array, allowed: Array, scale: float) -> Array:
+    return _attention_fwd(q, k, v, allowed, scale)[0]
+
+
+def _attention_fwd(q, k, v, allowed, scale):
+    p = jax.nn.softmax(_masked_scores(q, k, allowed, scale), axis=-1)
+    o = jnp.einsum("nqs,nsd->nqd", p.astype(v.dtype), v)
+    return o, (q, k, v, allowed, p, o)
+
+
+def _attention_bwd(scale, res, do):
+    q, k, v, allowed, p, o = res
+    n, gt, s = p.shape
+    b, t, _ = allowed.shape
+    dp = jnp.einsum("nqd,nsd->nqs", do, v, preferred_element_type=jnp.float32)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+    ds = (p * (dp - delta) * scale).reshape(b, n // b, gt // t, t, s)
+    # a masked score is a constant: no gradient, also in a row with no visible key (where the
+    # uniform p is not 0)
+    ds = jnp.where(allowed[:, None, None], ds, 0.0).reshape(n, gt, s).astype(q.dtype)
+    dq = jnp.einsum("nqs,nsd->nqd", ds, k)
+    dk = jnp.einsum("nqs,nqd->nsd", ds, q)
+    dv = jnp.einsum("nqs,nqd->nsd", p.astype(do.dtype), do)
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
