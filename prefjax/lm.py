@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from prefjax.models.heads import PolicyWithValue, RewardModel
+from prefjax.models.linear import weight_grad
 from prefjax.typing import Batch, PolicyOut
 
 Array = jax.Array
@@ -129,7 +130,7 @@ def _target_logps_bwd(res, g):
     # the products run in the compute dtype (as autodiff of the bf16 matmul would) with float32
     # accumulation; for float32 compute this is the exact gradient
     dh = jnp.matmul(dz.astype(w.dtype), w.T, preferred_element_type=jnp.float32)
-    dw = jnp.matmul(h.T, dz.astype(h.dtype), preferred_element_type=jnp.float32)
+    dw = weight_grad(h, dz.astype(h.dtype), jnp.float32)
     return dh.astype(h.dtype), dw.astype(w.dtype), None
 
 

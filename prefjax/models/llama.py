@@ -18,6 +18,7 @@ from flax import nnx
 
 from prefjax.models import cache as kvc
 from prefjax.models.cache import KVCache
+from prefjax.models.linear import matmul
 
 Array = jax.Array
 MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -218,7 +219,7 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
-        y = x @ self.kernel[...].astype(self.dtype)
+        y = matmul(x, self.kernel[...].astype(self.dtype))
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
