@@ -395,14 +395,18 @@ def run_trl(a, threads: int) -> dict | None:
 
 def target_status(rows: list[dict], trl: dict | None) -> dict:
     """The issue's targets: faster than TRL (same mode: live reference, float32) and MFU >= 0.5."""
-    ours = next((r for r in rows if r["framework"] == "prefjax" and r["mode"] == "live"
-                 and r["dtype"] == "float32"), None)
+    live32 = next((r for r in rows if r["framework"] == "prefjax" and r["mode"] == "live"
+                   and r["dtype"] == "float32"), None)
     out: dict = {}
-    if ours and trl and "step_s" in trl:
-        out["speedup_vs_trl_live_float32"] = trl["step_s"] / ours["step_s"]
-        out["faster_than_trl"] = ours["step_s"] < trl["step_s"]
-    out["mfu_at_least_half"] = {f"{r['mode']}/{r['dtype']}": r["mfu"] >= 0.5
-                                for r in rows if r["framework"] == "prefjax"}
+    if live32 and trl and "step_s" in trl:
+        out["speedup_vs_trl_live_float32"] = trl["step_s"] / live32["step_s"]
+        out["faster_than_trl"] = live32["step_s"] < trl["step_s"]
+    ours = [r for r in rows if r["framework"] == "prefjax"]
+    out["mfu_at_least_half"] = {f"{r['mode']}/{r['dtype']}": r["mfu"] >= 0.5 for r in ours}
+    # the stricter reading: every row against the fastest dtype's peak (bf16 dots are not
+    # faster than float32 ones on every CPU)
+    out["mfu_of_best_peak_at_least_half"] = {f"{r['mode']}/{r['dtype']}": r["mfu_best_peak"] >= 0.5
+                                             for r in ours}
     return out
 
 
@@ -501,6 +505,7 @@ def main() -> None:
     for r in rows:
         p = final.get(r["dtype"]) or final["float32"]
         r["mfu"] = r["flops_per_s"] / p
+        r["mfu_best_peak"] = r["flops_per_s"] / max(v for v in final.values() if v)
         c = ceilings[r["dtype"]]
         r["matmul_only_s"] = c["policy_fwd_bwd_s"] + (c["forward_s"] if r["mode"] == "live" else 0)
         r["mfu_ceiling"] = r["model_flops"] / r["matmul_only_s"] / p
@@ -534,6 +539,7 @@ def main() -> None:
                         "live reference forward); N = matmul parameters (attention, MLP kernels "
                         "and unembedding), attn = 4 * layers * seq * heads * head_dim per token",
             mfu="model_flops / step_s / measured matmul peak of the row's compute dtype",
+            mfu_best_peak="model_flops / step_s / the best measured peak over all dtypes",
             matmul_only_s="sum of the isolated times of every matmul of the step (each jitted "
                           "alone at the step's shapes, median of peak_reps): policy forward + "
                           "backward, plus a reference forward for live",
