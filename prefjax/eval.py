@@ -8,6 +8,7 @@ estimating KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)] from the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 
 import jax
@@ -57,6 +58,13 @@ def pair_metrics(policy: nnx.Module, reference: nnx.Module | None,
             "pairs": float(len(wins))}
 
 
+@functools.partial(jax.jit, static_argnames="pad_id")
+def _training_rows(ids, mask, samples, pad_id):
+    """`training_rows` in one program (eager ops on mesh-sharded samples each compile their own)."""
+    rows = training_rows(ids, mask, samples, pad_id=pad_id)
+    return {k: rows[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+
+
 def sample_metrics(policy: nnx.Module, reference: nnx.Module | None,
                    prompt_batches: Iterable[Mapping[str, np.ndarray]], *, key: Array,
                    reward_fn: Callable[[Array, Array], Array], max_new_tokens: int,
@@ -79,8 +87,7 @@ def sample_metrics(policy: nnx.Module, reference: nnx.Module | None,
         rewards.append(np.asarray(reward_fn(ids, s.tokens), np.float64))
         lengths.append(np.asarray(s.lengths, np.float64))
         if reference is not None:
-            rows = training_rows(ids, mask, s, pad_id=pad_id)
-            rows = {k: rows[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+            rows = _training_rows(ids, mask, s, pad_id=pad_id)
             ratios.append(np.asarray(f(policy, rows), np.float64)
                           - np.asarray(f(reference, rows), np.float64))
     out = {"reward": float(np.concatenate(rewards).mean()),

@@ -51,13 +51,15 @@ PAIRED = ("p3o", "online_dpo")
 
 
 def reward_function(c: ConfigDict) -> Callable:
-    """`(prompt_ids [b, p] left-padded, rows) -> scores [b]`: oracle r* or a reward model."""
+    """`(prompt_ids [b, p] left-padded, tokens [b, n], rows) -> scores [b]`: the oracle r* or a
+    reward model, each one jitted call (no eager ops on mesh-sharded arrays)."""
     if c.online.reward == "oracle":
         if c.data.source != "synthetic":
             raise ValueError("online.reward='oracle' is the synthetic task's ground truth; with "
                              f"data.source={c.data.source!r} set online.reward to a reward model "
                              "folder (an rm run's workdir or its export)")
-        return lambda prompt_ids, tokens, rows: syn.reward_of_samples(prompt_ids, tokens)
+        oracle = jax.jit(syn.reward_of_samples)
+        return lambda prompt_ids, tokens, rows: oracle(prompt_ids, tokens)
     from prefjax.models.heads import HEAD_FILE, RewardModel
 
     folder = build.hf_folder(c.online.reward)
@@ -70,21 +72,60 @@ def reward_function(c: ConfigDict) -> Callable:
     return lambda prompt_ids, tokens, rows: f(st, rows["input_ids"], rows["attention_mask"])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "ref_graphdef", "chunk"))
-def _logps(graphdef, params, ref_graphdef, ref_params, rows, chunk):
-    """Sampling-policy and reference PolicyOuts of the rows (one forward each, no gradient)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "ref_graphdef", "pad_id", "chunk"))
+def _score_rows(graphdef, params, ref_graphdef, ref_params, ids, mask, samples, pad_id, chunk):
+    """Training rows of prompts + samples, and the sampling policy's and the reference's
+    PolicyOuts of them (one forward each, no gradient)."""
+    rows = training_rows(ids, mask, samples, pad_id=pad_id)
+    rows = {k: rows[k] for k in ("input_ids", "attention_mask", "loss_mask")}
     out = policy_out(nnx.merge(graphdef, params), rows, chunk_size=chunk)
     ref = policy_out(nnx.merge(ref_graphdef, ref_params), rows, chunk_size=chunk)
-    return out, ref
+    return rows, out, ref
+
+
+class _Frozen(tuple):
+    """A hashable record of settings (a static jit argument)."""
+
+    def __new__(cls, **kw):
+        self = super().__new__(cls, sorted(kw.items()))
+        self.__dict__.update(kw)
+        return self
+
+
+@functools.partial(jax.jit, static_argnames=("algo", "o"))
+def _assemble(rows, out, ref, samples, scores, algo, o):
+    """The loss's batch and the rollout metrics from scored samples (one compiled program: on a
+    mesh, eager ops on sharded arrays each run their own small collective program)."""
+    scores = jnp.asarray(scores, jnp.float32)
+    ended = jnp.any((samples.tokens == o.eos_id) & (samples.mask > 0), axis=1)
+    scores = scores - o.missing_eos_penalty * (~ended)
+    kl_coef = o.kl_coef if algo == "ppo" else 0.0
+    metrics = {**rollout_metrics(scores, out.token_logps, ref.token_logps, rows["loss_mask"],
+                                 kl_coef=kl_coef),
+               # TRL's estimate: -log pi(y|x) of the sampled responses, summed over tokens
+               "objective/entropy": -jnp.mean(out.logps),
+               "rollout/length": jnp.mean(samples.lengths.astype(jnp.float32)),
+               "rollout/eos_fraction": jnp.mean(ended.astype(jnp.float32))}
+    if algo == "ppo":
+        batch = _ppo_batch(rows, out, ref, scores, o)
+    elif algo == "p3o":
+        batch = {**rows, "old_logps": out.logps, "ref_logps": ref.logps, "rewards": scores,
+                 "old_token_logps": out.token_logps}
+    else:
+        batch = _dpo_batch(rows, ref.logps, scores)
+    return batch, metrics
 
 
 def make_rollout(c: ConfigDict, reference: nnx.Module, reward_fn: Callable, *, pad_id: int,
                  eos_id: int, mesh) -> Callable:
-    """`prepare(state, prompts) -> {"batch": loss batch, "metrics": rollout metrics}`."""
+    """`prepare(state, prompts) -> {"batch": loss batch, "metrics": rollout metrics}`: sample,
+    score, build; three jitted calls after the sampler's."""
     o, algo = c.online, c.algo
     chunk = c.model.logps_chunk or None
     ref_graphdef, ref_params = nnx.split(reference)
-    kl_coef = o.kl_coef
+    settings = _Frozen(eos_id=eos_id, missing_eos_penalty=float(o.missing_eos_penalty),
+                       kl_coef=float(o.kl_coef), gamma=float(o.gamma), lam=float(o.lam),
+                       whiten_rewards=bool(o.whiten_rewards))
 
     def prepare(state, raw):
         ids, mask = raw["input_ids"], raw["attention_mask"]
@@ -93,58 +134,27 @@ def make_rollout(c: ConfigDict, reference: nnx.Module, reward_fn: Callable, *, p
         model = merge_model(state)
         s = sample(model, ids, mask, step_key(state), max_new_tokens=o.max_new_tokens,
                    temperature=o.temperature, eos_id=eos_id, pad_id=pad_id, mesh=mesh)
-        rows = training_rows(ids, mask, s, pad_id=pad_id)
-        rows = {k: rows[k] for k in ("input_ids", "attention_mask", "loss_mask")}
         graphdef, params = nnx.split(model)
-        out, ref = _logps(graphdef, params, ref_graphdef, ref_params, rows, chunk)
-        scores = jnp.asarray(reward_fn(ids, s.tokens, rows), jnp.float32)
-        ended = jnp.any((s.tokens == eos_id) & (s.mask > 0), axis=1)
-        scores = scores - o.missing_eos_penalty * (~ended)
-        metrics = {**rollout_metrics(scores, out.token_logps, ref.token_logps, rows["loss_mask"],
-                                     kl_coef=kl_coef if algo == "ppo" else 0.0),
-                   # TRL's estimate: -log pi(y|x) of the sampled responses, summed over tokens
-                   "objective/entropy": -jnp.mean(out.logps),
-                   "rollout/length": jnp.mean(s.lengths.astype(jnp.float32)),
-                   "rollout/eos_fraction": jnp.mean(ended.astype(jnp.float32))}
-        if algo == "ppo":
-            batch = _ppo_batch(rows, out, ref, scores, kl_coef, o)
-        elif algo == "p3o":
-            batch = {**rows, "old_logps": out.logps, "ref_logps": ref.logps, "rewards": scores,
-                     "old_token_logps": out.token_logps}
-        else:
-            batch = _dpo_batch(rows, ref.logps, scores)
+        rows, out, ref = _score_rows(graphdef, params, ref_graphdef, ref_params, ids, mask, s,
+                                     pad_id, chunk)
+        scores = reward_fn(ids, s.tokens, rows)
+        batch, metrics = _assemble(rows, out, ref, s, scores, algo, settings)
         return {"batch": batch, "metrics": metrics}
 
     return prepare
 
 
-@functools.partial(jax.jit, static_argnames=("kl_coef", "o"))
-def _ppo_core(loss_mask, token_logps, ref_token_logps, values, scores, kl_coef, o):
-    r = kl_shaped_rewards(scores, token_logps, ref_token_logps, loss_mask, kl_coef=kl_coef)
+def _ppo_batch(rows, out, ref, scores, o):
+    """PPO's batch: KL-shaped per-token rewards, GAE, whitened advantages (traced in _assemble)."""
+    r = kl_shaped_rewards(scores, out.token_logps, ref.token_logps, rows["loss_mask"],
+                          kl_coef=o.kl_coef)
     if o.whiten_rewards:
-        r = whiten(r, loss_mask, shift_mean=False)
-    adv, ret = gae(r, values, loss_mask, gamma=o.gamma, lam=o.lam)
-    return whiten(adv, loss_mask), ret
-
-
-def _ppo_batch(rows, out, ref, scores, kl_coef, o):
-    frozen = _Frozen(gamma=o.gamma, lam=o.lam, whiten_rewards=o.whiten_rewards)
-    adv, ret = _ppo_core(rows["loss_mask"], out.token_logps, ref.token_logps, out.values, scores,
-                         kl_coef, frozen)
+        r = whiten(r, rows["loss_mask"], shift_mean=False)
+    adv, ret = gae(r, out.values, rows["loss_mask"], gamma=o.gamma, lam=o.lam)
     return {**rows, "old_token_logps": out.token_logps, "old_values": out.values,
-            "advantages": adv, "returns": ret}
+            "advantages": whiten(adv, rows["loss_mask"]), "returns": ret}
 
 
-class _Frozen(tuple):
-    """A hashable record of the GAE settings (a static jit argument)."""
-
-    def __new__(cls, **kw):
-        self = super().__new__(cls, sorted(kw.items()))
-        self.__dict__.update(kw)
-        return self
-
-
-@jax.jit
 def _dpo_batch(rows, ref_logps, scores):
     """Order each prompt's two samples as chosen (higher score) then rejected; ties keep y1."""
     n = scores.shape[0] // 2
@@ -158,14 +168,19 @@ def _dpo_batch(rows, ref_logps, scores):
             "rewards": take(scores)}
 
 
+@functools.partial(jax.jit, static_argnames=("k", "paired", "mesh"))
+def _minibatches(batch, k, paired, mesh):
+    """`k` minibatches of `batch`, each laid out over the mesh's batch axes, in one program."""
+    mbs = split_microbatches(batch, k, paired=paired)
+    parts = [{key: v[i] for key, v in mbs.items()} for i in range(k)]
+    return [jax.lax.with_sharding_constraint(p, batch_shardings(p, mesh)) for p in parts]
+
+
 def make_update(step, *, epochs: int, minibatches: int, paired: bool, mesh) -> Callable:
     """`(state, rollout) -> (state, metrics)`: `epochs` passes of `minibatches` updates."""
 
     def update(state, rollout):
-        batch = rollout["batch"]
-        mbs = split_microbatches(batch, minibatches, paired=paired)
-        parts = [{k: v[i] for k, v in mbs.items()} for i in range(minibatches)]
-        parts = [jax.device_put(p, batch_shardings(p, mesh)) for p in parts]
+        parts = _minibatches(rollout["batch"], minibatches, paired, mesh)
         ms = []
         for _ in range(epochs):
             for p in parts:
@@ -260,12 +275,14 @@ def eval_reward_fn(c: ConfigDict, tokenizer, reward_fn: Callable | None = None) 
     return lambda p, t: reward_fn(p, t, _rows(p, t, pad, eos))
 
 
+@functools.partial(jax.jit, static_argnames=("pad_id", "eos_id"))
 def _rows(prompt_ids, tokens, pad_id, eos_id):
     """Training rows of prompts + sampled tokens (for a reward model at evaluation)."""
     from prefjax.sampling import Samples
 
-    mask = (jnp.cumsum(jnp.asarray(tokens) == eos_id, axis=1)
-            - (jnp.asarray(tokens) == eos_id) == 0).astype(jnp.int32)
-    s = Samples(jnp.asarray(tokens), mask, jnp.zeros(mask.shape, jnp.float32), mask.sum(1))
+    tokens = jnp.asarray(tokens)
+    eos = tokens == eos_id
+    mask = (jnp.cumsum(eos, axis=1) - eos == 0).astype(jnp.int32)
+    s = Samples(tokens, mask, jnp.zeros(mask.shape, jnp.float32), mask.sum(1))
     prompt_mask = (jnp.asarray(prompt_ids) != pad_id).astype(jnp.int32)
     return training_rows(prompt_ids, prompt_mask, s, pad_id=pad_id)
