@@ -30,6 +30,8 @@ TRL_VENV ?= benchmarks/.venv-trl
 bench: $(VENV)/.test $(TRL_VENV)/.trl
 	$(PY) benchmarks/logps_memory.py
 	$(PY) benchmarks/dpo_step.py
+	$(PY) benchmarks/dpo_step.py --hidden 512 --heads 8 --kv-heads 4 --intermediate 1376 \
+		--out benchmarks/results/dpo_step_d512.json
 
 # HF TRL for the side-by-side DPO benchmark, in its own environment (torch pinned: CPU build)
 bench-trl-env: $(TRL_VENV)/.trl
