@@ -59,8 +59,10 @@ def pair_metrics(policy: nnx.Module, reference: nnx.Module | None,
 
 
 @functools.partial(jax.jit, static_argnames="pad_id")
-def _training_rows(ids, mask, samples, pad_id):
-    """`training_rows` in one program (eager ops on mesh-sharded samples each compile their own)."""
+def scoring_rows(ids, mask, samples, pad_id):
+    """`training_rows` of prompts [b, p] + `samples` without `sample_token_logps`: the rows a
+    policy or reference scores. Jitted (eager ops on mesh-sharded samples each compile their own
+    program)."""
     rows = training_rows(ids, mask, samples, pad_id=pad_id)
     return {k: rows[k] for k in ("input_ids", "attention_mask", "loss_mask")}
 
@@ -87,7 +89,7 @@ def sample_metrics(policy: nnx.Module, reference: nnx.Module | None,
         rewards.append(np.asarray(reward_fn(ids, s.tokens), np.float64))
         lengths.append(np.asarray(s.lengths, np.float64))
         if reference is not None:
-            rows = _training_rows(ids, mask, s, pad_id=pad_id)
+            rows = scoring_rows(ids, mask, s, pad_id=pad_id)
             ratios.append(np.asarray(f(policy, rows), np.float64)
                           - np.asarray(f(reference, rows), np.float64))
     out = {"reward": float(np.concatenate(rewards).mean()),

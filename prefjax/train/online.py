@@ -31,7 +31,7 @@ from ml_collections import ConfigDict
 from prefjax import losses, parallel
 from prefjax.data import BatchLoader, collate_prompts
 from prefjax.data import synthetic as syn
-from prefjax.eval import sample_metrics
+from prefjax.eval import sample_metrics, scoring_rows
 from prefjax.lm import policy_out
 from prefjax.losses.ppo import gae, kl_shaped_rewards, rollout_metrics, whiten
 from prefjax.parallel import batch_shardings
@@ -76,8 +76,7 @@ def reward_function(c: ConfigDict) -> Callable:
 def _score_rows(graphdef, params, ref_graphdef, ref_params, ids, mask, samples, pad_id, chunk):
     """Training rows of prompts + samples, and the sampling policy's and the reference's
     PolicyOuts of them (one forward each, no gradient)."""
-    rows = training_rows(ids, mask, samples, pad_id=pad_id)
-    rows = {k: rows[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+    rows = scoring_rows(ids, mask, samples, pad_id=pad_id)
     out = policy_out(nnx.merge(graphdef, params), rows, chunk_size=chunk)
     ref = policy_out(nnx.merge(ref_graphdef, ref_params), rows, chunk_size=chunk)
     return rows, out, ref
