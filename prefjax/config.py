@@ -8,7 +8,7 @@ can offer variants; `smoke` shrinks any config to a seconds-long CPU run.
 
 from __future__ import annotations
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, FieldReference
 
 from prefjax import losses
 
@@ -34,17 +34,30 @@ def base_config() -> ConfigDict:
     c.model.max_position_embeddings = 128
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (weights stay float32)
     c.model.remat = False  # recompute each block in the backward pass to save activation memory
+    # (remat=True is remat_policy="full"; a remat_policy other than "none" wins over it)
+    # what each block keeps for the backward: none (everything, no remat) | full (only its input)
+    # | nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable | save_qkv_proj
+    c.model.remat_policy = "none"
+    c.model.scan_layers = False  # stack the blocks and run them with one lax.scan (compile time
+    # independent of depth; parameters get a leading "layers" axis)
+    c.model.attention = "xla"  # attention implementation: xla | blockwise | cudnn | splash
     c.model.logps_chunk = 0  # vocabulary chunk of the log-softmax; 0 = no chunking
 
     c.reference = ConfigDict()
     # precomputed (dataset columns, computed once) | live (frozen model every step) | none
     c.reference.mode = "precomputed"
     c.reference.source = ""  # "" = the initial policy; or an HF folder / an earlier run's workdir
+    # frozen models (reference, reward model) kept in: "" (as loaded) | float32 | bfloat16
+    c.reference.param_dtype = ""
+    # precomputed: cache the log-probs in workdir/ref_logps/<key> (key: reference weights, token
+    # ids, truncation/collate settings), so a restart or resume reuses them
+    c.reference.cache = True
 
     c.data = ConfigDict()
     # "synthetic", a local file/folder (json, jsonl, parquet, csv) or a hub name (online only)
     c.data.source = "synthetic"
-    c.data.format = "auto"  # auto | prompt_chosen_rejected | hh | messages | unpaired | prompt_only
+    # auto | pairwise | hh | conversational | unpaired | completion | prompt_only
+    c.data.format = "auto"
     c.data.eval_source = ""  # held-out file; "" = split eval_fraction off the training data
     c.data.eval_fraction = 0.05  # used when eval_source is empty (real data)
     c.data.on_bad_row = "error"  # error (fail fast, naming file/row/field) | skip (count, report)
@@ -88,6 +101,7 @@ def base_config() -> ConfigDict:
     c.train.weight_decay = 0.0
     c.train.b1 = 0.9
     c.train.b2 = 0.999
+    c.train.moment_dtype = "float32"  # AdamW moments: float32 | bfloat16 (half the memory)
     c.train.max_grad_norm = 1.0  # 0 = no clipping
     c.train.log_every = 10
     c.train.eval_every = 50  # 0 = only at the end
@@ -113,8 +127,13 @@ def set_algo(c: ConfigDict, algo: str, **loss) -> ConfigDict:
     if unknown:
         raise ValueError(f"loss {algo!r} has no hyperparameters {unknown}; it has {sorted(hp)}")
     hp.update(loss)
-    # None-valued defaults cannot be typed fields of a locked config; they stay unset
-    c.loss = ConfigDict({k: v for k, v in hp.items() if v is not None})
+    # A None default becomes a typed placeholder, so `--config.loss.loss_weights='(1.0, 0.5)'`
+    # can set it on a locked config; a list of loss types is a comma-separated string
+    # (`--config.loss.loss_type=sigmoid,sft`), which `losses.get` splits.
+    types = losses.hyperparameter_types(algo)
+    c.loss = ConfigDict({k: FieldReference(None, field_type=types[k]) if v is None else
+                         ",".join(v) if isinstance(v, list | tuple) and k == "loss_type" else v
+                         for k, v in hp.items()})
     return c
 
 

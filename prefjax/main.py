@@ -13,8 +13,6 @@ from ml_collections import ConfigDict, config_flags
 
 from prefjax import parallel
 
-ONLINE = ("ppo", "p3o", "online_dpo")
-
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment config file (configs/*.py), optionally with :arg", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, export)")
@@ -24,14 +22,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def run(config: ConfigDict, workdir: str) -> dict:
-    """Train `config` in `workdir` (offline or online by `config.algo`); returns eval metrics."""
-    if config.get("online") is not None and config.algo in ONLINE:
-        from prefjax.train import online
+    """Train `config` in `workdir` (`config.algo`'s record decides data or rollouts); returns
+    the last evaluation's metrics."""
+    from prefjax.pipeline import train
 
-        return online.train(config, workdir)
-    from prefjax.train import offline
-
-    return offline.train(config, workdir)
+    return train(config, workdir)
 
 
 def main(argv) -> None:

@@ -244,6 +244,55 @@ def _process_rows(sh: NamedSharding, gshape: tuple, local: int, key: str) -> np.
     return np.concatenate(rows)
 
 
+def global_batch(batch: Mapping[str, Any], mesh: Mesh, *, paired: bool = False,
+                 tail_key: str | None = None) -> dict[str, jax.Array]:
+    """THE entry of per-process data: global jax Arrays, in the loss's row order.
+
+    Each process passes its own rows (`[b_local, ...]` numpy per key), laid out like a whole
+    batch: for `paired`, `[chosen n, rejected n, tail m]` (tail: rows flagged by
+    `batch[tail_key]` `[m]`, e.g. an algorithm record's extra rows). The result is the batch one
+    process would have loaded: all processes' chosen rows (process order), then all rejected
+    rows, then all tail rows; the tail flag is split over the batch axes when its length divides
+    them, else replicated. One process: `shard_batch`. Steps fed by this function are built with
+    `process_blocks=1` (nothing downstream reorders rows).
+    """
+    n_proc = jax.process_count()
+    if n_proc == 1:
+        return shard_batch(batch, mesh)
+    rows = {k: np.asarray(v) for k, v in batch.items() if k != tail_key}
+    out = shard_batch(rows, mesh)
+    m = len(batch[tail_key]) if tail_key is not None and tail_key in batch else 0
+    if paired:
+        b = {len(v) for v in rows.values()}
+        if len(b) != 1:
+            raise ValueError(f"batch leaves disagree on the number of rows: "
+                             f"{ {k: v.shape for k, v in rows.items()} }")
+        (b,) = b
+        n = (b - m) // 2
+        order = [p * b + j for start, size in ((0, n), (n, n), (2 * n, m))
+                 for p in range(n_proc) for j in range(start, start + size)]
+        out = {k: _row_gather(tuple(order), v.sharding)(v) for k, v in out.items()}
+    if m:
+        from jax.experimental import multihost_utils
+
+        flags = np.asarray(multihost_utils.process_allgather(np.asarray(batch[tail_key]),
+                                                             tiled=True))
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        sh = batch_sharding(mesh) if len(flags) % shards == 0 else NamedSharding(
+            mesh, PartitionSpec())
+        out[tail_key] = jax.make_array_from_callback(flags.shape, sh, lambda i: flags[i])
+    return out
+
+
+def host_values(x: Any) -> np.ndarray:
+    """A numpy copy of `x` on every process (gathered when it spans several processes)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 @functools.lru_cache(maxsize=64)
 def _row_gather(where: tuple[int, ...], sh: NamedSharding):
     """Jitted `x -> x[where]` keeping the batch sharding (rows move between hosts on device)."""

@@ -110,6 +110,8 @@ class Sampler:
             if not self.greedy:
                 raise ValueError("sampling needs a jax.random key (or greedy=True)")
             key = jax.random.key(0)
+        if _spans_processes(prompt_ids, prompt_mask):
+            return self._call_global(model, prompt_ids, prompt_mask, key)
         ids, mask = _check_prompts(prompt_ids, prompt_mask)
         p = -(-ids.shape[1] // self.prompt_multiple) * self.prompt_multiple
         if p > ids.shape[1]:  # extra left padding changes nothing but the compile key
@@ -132,6 +134,31 @@ class Sampler:
         ids, mask = jax.device_put(ids, sh), jax.device_put(mask, sh)
         with jax.set_mesh(self.mesh):
             return self._jit(graphdef, state, ids, mask, jax.device_put(key, self._replicated()))
+
+    def _call_global(self, model, ids: Array, mask: Array, key: Array) -> Samples:
+        """Prompts that are global arrays over several processes (`parallel.global_batch`):
+        each process checks its own rows; the arrays are used where they live."""
+        if self.mesh is None:
+            raise ValueError("prompts spread over several processes need Sampler(mesh=...)")
+        for a, b in zip(ids.addressable_shards, mask.addressable_shards):
+            _check_prompts(np.asarray(a.data), np.asarray(b.data))
+        p = -(-ids.shape[1] // self.prompt_multiple) * self.prompt_multiple
+        if p > ids.shape[1]:
+            raise ValueError(f"global prompts of length {ids.shape[1]} need no bucketing: pad "
+                             f"them to a multiple of prompt_multiple={self.prompt_multiple}")
+        limit = getattr(_decoder(model).config, "max_position_embeddings", None)
+        if limit is not None and p + self.max_new_tokens > limit:
+            raise ValueError(
+                f"prompt length {p} + max_new_tokens {self.max_new_tokens} exceeds the model's "
+                f"max_position_embeddings={limit}; shorten the prompts or lower max_new_tokens")
+        if not _spans_processes(key):  # the same key on every process, made one global array
+            data = np.asarray(jax.random.key_data(key))
+            key = jax.random.wrap_key_data(jax.make_array_from_callback(
+                data.shape, self._replicated(), lambda i: data[i]))
+        graphdef, state = nnx.split(model)
+        with jax.set_mesh(self.mesh):
+            return self._jit(graphdef, state, ids.astype(jnp.int32), mask.astype(jnp.int32),
+                             key)
 
     def _replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
@@ -216,6 +243,11 @@ class Sampler:
         carry = (jnp.ones((), jnp.int32), tok, live, done, cache, bufs)
         tokens, m, logps = jax.lax.while_loop(cond, body, carry)[-1]
         return Samples(tokens, m, logps, jnp.sum(m, axis=1))
+
+
+def _spans_processes(*xs) -> bool:
+    """Whether any of `xs` is a jax Array with rows on other processes' devices."""
+    return any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in xs)
 
 
 def _check_prompts(prompt_ids, prompt_mask) -> tuple[np.ndarray, np.ndarray]:

@@ -107,6 +107,7 @@ def test_explore_run(runs, jupyter_path, monkeypatch, tmp_path):
     nb = execute("explore_run.ipynb", {"WORKDIR": str(runs["dpo"]), "NUM_SHOW": 3,
                                        "NUM_EVAL": 16, "OUT": str(out)}, jupyter_path, monkeypatch)
     assert_png(out / "curves.png")
+    assert_png(out / "token_rewards.png")  # a held-out pair coloured by per-token reward
     table = json.loads((out / "sample_metrics.json").read_text())
     assert set(table) == {"policy", "reference"}  # the reference is the SFT run (init_from)
     assert -0.5 <= table["policy"]["reward"] <= 1.25

@@ -54,6 +54,7 @@ class LoadReport:
     num_rows: int
     skipped: int
     first_errors: tuple[str, ...] = ()
+    identical: int = 0  # kept pairs whose chosen equals rejected (see `_count_identical`)
 
 
 class BadRowError(ValueError):
@@ -131,9 +132,23 @@ def prepare_preference_data(
         log.warning("%s: skipped %d bad rows of %d; first: %s",
                     source, len(errors), len(errors) + len(ds), errors[0])
     ds = ds.remove_columns([_ERR])
+    identical = _count_identical(ds, fmt, source)
     ds.info.description = json.dumps({"prefjax_format": fmt, "source": source})
-    report = LoadReport(source, fmt, len(ds), len(errors), tuple(errors[:5]))
+    report = LoadReport(source, fmt, len(ds), len(errors), tuple(errors[:5]), identical)
     return (ds, report) if return_report else ds
+
+
+def _count_identical(ds: datasets.Dataset, fmt: str, source: str) -> int:
+    """Pairs with chosen == rejected are kept, as TRL keeps them: their preference term has zero
+    gradient (equal log-probs on both sides), though an NLL term on the chosen response (RPO,
+    CPO, ORPO) still trains on them; counted in the report and logged once."""
+    if fmt not in ("pairwise", "hh", "conversational"):
+        return 0
+    n = sum(c == r for c, r in zip(ds["chosen"], ds["rejected"]))
+    if n:
+        log.warning("%s: %d of %d pairs have chosen == rejected; kept (their preference term "
+                    "has zero gradient)", source, n, len(ds))
+    return n
 
 
 def dataset_format(ds: datasets.Dataset) -> str:
@@ -176,9 +191,15 @@ def _load_raw(source: str, *, split: str, data_files: Any, cache_dir: str | None
     if os.path.isfile(source):
         if ext not in _BUILDERS:
             raise ValueError(f"{source}: unsupported file type {ext!r}; expected {list(_BUILDERS)}")
-        return datasets.load_dataset(
-            _BUILDERS[ext], data_files={split: source}, split=split, cache_dir=cache_dir
-        )
+        try:
+            return datasets.load_dataset(
+                _BUILDERS[ext], data_files={split: source}, split=split, cache_dir=cache_dir
+            )
+        except datasets.exceptions.DatasetGenerationError as e:
+            if ext == ".jsonl" and (where := first_bad_json_line(source)):
+                raise ValueError(where) from e
+            raise ValueError(f"{source}: cannot be read as {_BUILDERS[ext]} "
+                             f"({type(e.__cause__ or e).__name__}: {e.__cause__ or e})") from e
     if os.path.isdir(source):
         return datasets.load_dataset(
             source, split=split, data_files=data_files, cache_dir=cache_dir)
@@ -198,6 +219,23 @@ def _load_raw(source: str, *, split: str, data_files: Any, cache_dir: str | None
             source, split=split, data_files=data_files, cache_dir=cache_dir)
     except Exception as e:  # noqa: BLE001 - any hub failure gets the source name attached
         raise RuntimeError(f"could not load hub dataset {source!r} (split {split!r}): {e}") from e
+
+
+def first_bad_json_line(path: str) -> str | None:
+    """`"<path>: line N: ..."` for the first line of a JSON-lines file that is not a JSON object
+    (blank lines are allowed), or None when every line parses."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return (f"{path}: line {n}: not valid JSON ({e.msg} at column {e.colno}): "
+                        f"{line.strip()[:80]!r}")
+            if not isinstance(row, dict):
+                return f"{path}: line {n}: expected a JSON object, got {type(row).__name__}"
+    return None
 
 
 def _is_messages(feature: Any) -> bool:
@@ -238,8 +276,6 @@ def _pairwise(row, **_):
         what = "a non-empty string" if field == "prompt" else "a non-empty response string"
         if err := _text(row, field, what=what):
             return fixed, err
-    if fixed["chosen"] == fixed["rejected"]:
-        return fixed, "field 'rejected': identical to 'chosen' (expected two different responses)"
     return fixed, None
 
 
@@ -249,8 +285,6 @@ def _hh(row, **_):
         if err := _text(row, field, what="a full transcript string"):
             return empty, err
     c, r = row["chosen"], row["rejected"]
-    if c == r:
-        return empty, "field 'rejected': identical to 'chosen' (expected two different responses)"
     n = next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
     cut = c[:n].rfind(HH_MARKER)
     if cut < 0:
@@ -287,8 +321,6 @@ def _conversational(row, *, has_prompt, **_):
     for field, resp in (("chosen", chosen), ("rejected", rejected)):
         if not resp or resp[0]["role"] != "assistant" or not resp[-1]["content"].strip():
             return empty, f"field {field!r}: expected a non-empty assistant reply after the prompt"
-    if chosen == rejected:
-        return empty, "field 'rejected': identical to 'chosen' (expected two different responses)"
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None
 
 

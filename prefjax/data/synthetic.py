@@ -230,3 +230,79 @@ def make_preference_dataset(n: int, seed: int, labeling: str = "bt",
     return prepare_preference_data(
         datasets.Dataset.from_dict(rows),
         source=f"synthetic:preference(n={n}, seed={seed}, labeling={labeling})")
+
+
+# ---- per-token error labels (token-level credit assignment, experiments/token_credit.py) ----
+#
+# r*(x, y) scores a response position by position against t(x) + <eos>: a symbol at j < k earns
+# W_MATCH / k when y_j = t_j, and the response's end is penalised (length term) or rewarded (EOS
+# term) unless it stops with <eos> exactly at position k. So position j of a response is an
+# error when
+#   * j < min(L, k) and y_j != t_j                      (a wrong symbol),
+#   * j = L < k                                         (it stops early: the <eos>/<pad> there),
+#   * k <= j < L                                        (every extra token past the target),
+#   * j = k = L and y does not stop with <eos> there    (a missing <eos>: a <pad>, or nothing),
+# with L and "stops with <eos>" read exactly as r* reads them (the first <eos> or <pad> ends the
+# response). A response has no error iff r* attains its maximum 1.25; its first error is the
+# smallest such j. A missing <eos> after a response whose ids end without one lies one past the
+# last id (j = len(y)): `token_errors` cannot mark it, `first_error` returns len(y).
+
+
+def token_errors(prompt_ids, response_ids) -> np.ndarray:
+    """Per-token error labels of responses, consistent with r* (definition above).
+
+    1-D `prompt_ids` [p], `response_ids` [n] give bool [n]; 2-D `[b, p]`, `[b, n]` give bool
+    [b, n]. True marks a position where the response departs from t(x) + <eos>; positions after
+    the response's end (past its <eos> or first <pad>) are False.
+    """
+    p, y = np.asarray(prompt_ids), np.asarray(response_ids)
+    if p.ndim == 2:
+        if y.ndim != 2 or len(p) != len(y):
+            raise ValueError(f"token_errors: prompt_ids {p.shape} and response_ids {y.shape} "
+                             "must both be 2-D with the same number of rows")
+        out = np.zeros(y.shape, bool)
+        for i, (a, b) in enumerate(zip(p, y)):
+            out[i] = _errors_row(a, b)[0]
+        return out
+    return _errors_row(p, y)[0]
+
+
+def first_error(prompt_ids, response_ids) -> int | np.ndarray:
+    """Index of a response's first error (definition above), -1 when it has none (r* = 1.25).
+
+    A response whose ids are all correct but end without <eos> returns len(response_ids): the
+    missing <eos> would come one past its last id. 1-D inputs give an int, 2-D `[b, p]`, `[b, n]`
+    give int64 [b].
+    """
+    p, y = np.asarray(prompt_ids), np.asarray(response_ids)
+    if p.ndim == 2:
+        return np.array([_first_error_row(a, b) for a, b in zip(p, y)], np.int64)
+    return _first_error_row(p, y)
+
+
+def _errors_row(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, int]:
+    """(error mask [n], position of a missing <eos> past the end or -1) of one response."""
+    words = [VOCAB[i] if 0 <= i < len(VOCAB) else "<unk>" for i in p.tolist()]
+    t = [TOKEN_ID[w] for w in target(words)]
+    k, ids = len(t), y.tolist()
+    stops = [j for j, v in enumerate(ids) if v in (EOS_ID, PAD_ID)]
+    n = stops[0] if stops else len(ids)
+    ended = bool(stops) and ids[n] == EOS_ID
+    err = np.zeros(len(ids), bool)
+    for j in range(min(n, k)):
+        err[j] = ids[j] != t[j]
+    err[k:n] = True  # extra tokens (empty unless n > k)
+    past = -1
+    if n < k or not ended:  # stops early, or at/after k without <eos>
+        j = min(n, k)
+        if j < len(ids):
+            err[j] = True
+        else:
+            past = j
+    return err, past
+
+
+def _first_error_row(p: np.ndarray, y: np.ndarray) -> int:
+    err, past = _errors_row(p, y)
+    hit = np.flatnonzero(err)
+    return int(hit[0]) if len(hit) else past

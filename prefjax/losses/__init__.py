@@ -66,6 +66,24 @@ def defaults(name: str) -> dict:
             if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+def hyperparameter_types(name: str) -> dict[str, type]:
+    """A config field type per hyperparameter of loss `name`: sequences (`Sequence[float]`,
+    `tuple`) map to tuple, else the annotation's first scalar type (str, int, float, bool)."""
+    fn, _ = _lookup(name)
+    out = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        ann = str(p.annotation)
+        if ann.startswith(("Sequence", "tuple", "list")):
+            out[p.name] = tuple
+        else:
+            first = ann.split("|")[0].strip()
+            out[p.name] = {"str": str, "int": int, "float": float, "bool": bool}.get(
+                first, type(p.default) if p.default is not None else object)
+    return out
+
+
 def _lookup(name: str) -> tuple[Callable, Callable[[dict], None]]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(names())}")
@@ -84,15 +102,18 @@ def get(name: str, **hparams) -> LossFn:
         raise ValueError(f"loss {name!r} has no hyperparameter(s) {', '.join(unknown)}; "
                          f"valid: {', '.join(sorted(known))}")
     full = {**known, **hparams}
-    if isinstance(full.get("loss_type"), list):
-        full["loss_type"] = tuple(full["loss_type"])
+    lt = full.get("loss_type")
+    if isinstance(lt, list) or (isinstance(lt, str) and "," in lt):  # TRL-style list of types
+        full["loss_type"] = tuple(t.strip() for t in (lt.split(",") if isinstance(lt, str) else lt))
+    if isinstance(full.get("loss_weights"), list):
+        full["loss_weights"] = tuple(full["loss_weights"])
     check(full)
     return functools.partial(fn, **full)
 
 
 __all__ = [
-    "bt_loss", "cdpo", "cpo", "defaults", "dpo", "dpo_loss_from_logps", "gae", "get", "ipo",
-    "kl_penalty", "kl_shaped_rewards", "mpo", "mpo_terms", "names", "orpo", "p3o",
-    "p3o_loss_from_logps", "pair_kl", "ppo", "reward_bt", "rollout_metrics", "sft", "sft_nll",
-    "simpo", "whiten",
+    "bt_loss", "cdpo", "cpo", "defaults", "dpo", "dpo_loss_from_logps", "gae", "get",
+    "hyperparameter_types", "ipo", "kl_penalty", "kl_shaped_rewards", "mpo", "mpo_terms",
+    "names", "orpo", "p3o", "p3o_loss_from_logps", "pair_kl", "ppo", "reward_bt",
+    "rollout_metrics", "sft", "sft_nll", "simpo", "whiten",
 ]

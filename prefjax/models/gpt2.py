@@ -17,10 +17,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from prefjax.models import attention
 from prefjax.models import cache as kvc
 from prefjax.models.cache import KVCache
-from prefjax.models.llama import Dense
+from prefjax.models.llama import (
+    QKV_NAMES,
+    Context,
+    Dense,
+    block_remat,
+    check_layer_options,
+    remat_block,
+    row_sharded,
+    scan_blocks,
+    stack_blocks,
+)
 
 Array = jax.Array
 _ACTIVATIONS = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True, "gelu": False}
@@ -46,8 +58,13 @@ class GPT2Config:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # Model-structure options, not HF fields (from_hf leaves the defaults, to_hf ignores them):
+    scan_layers: bool = False  # blocks stacked on a leading "layers" axis, run by one lax.scan
+    remat_policy: str = "none"  # what each block saves for the backward; llama.REMAT_POLICIES
+    attention_impl: str = "xla"  # prefjax.models.attention implementation
 
     def __post_init__(self):
+        check_layer_options(self)
         if self.intermediate_size is None:
             object.__setattr__(self, "intermediate_size", 4 * self.hidden_size)
         if self.hidden_size % self.num_heads:
@@ -126,17 +143,23 @@ class Attention(nnx.Module):
         self.k = Dense(d, d, ("embed", "heads"), bias=True, **kw)
         self.v = Dense(d, d, ("embed", "heads"), bias=True, **kw)
         self.o = Dense(d, d, ("heads", "embed"), bias=True, **kw)
-        self.head_dim = cfg.head_dim
+        self.head_dim, self.impl = cfg.head_dim, cfg.attention_impl
         scale = cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
         self.scale = scale / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
 
-    def __call__(self, x, allowed, kv, index):
+    def __call__(self, x, ctx: Context, kv, q_scale: Array | None = None):
+        """`q_scale` (a traced scalar): the per-layer factor of scale_attn_by_inverse_layer_idx
+        when the layers are scanned (one body, so `self.scale` cannot vary by layer)."""
         b, t, _ = x.shape
         split = lambda y: y.reshape(b, t, -1, self.head_dim)  # noqa: E731
-        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        q, k, v = (checkpoint_name(split(p(x)), n)
+                   for p, n in zip((self.q, self.k, self.v), QKV_NAMES, strict=True))
+        if q_scale is not None:
+            q = q * q_scale.astype(q.dtype)
         if kv is not None:  # attend over the whole cache buffer with the new tokens written in
-            k, v = kvc.write(kv[0], k, index), kvc.write(kv[1], v, index)
-        a = kvc.attend(q, k, v, allowed, self.scale)
+            k, v = kvc.write(kv[0], k, ctx.index), kvc.write(kv[1], v, ctx.index)
+        a = attention.attend(q, k, v, key_mask=ctx.key_mask, q_start=ctx.start, scale=self.scale,
+                             impl=self.impl)
         return self.o(a.reshape(b, t, -1)), (k, v)
 
 
@@ -159,18 +182,24 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.hidden_size, eps, param_dtype=pd)
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x, allowed, kv, index):
-        a, kv = self.attn(self.ln_1(x), allowed, kv, index)
+    def __call__(self, x, ctx: Context, kv, q_scale: Array | None = None):
+        a, kv = self.attn(self.ln_1(x), ctx, kv, q_scale)
         x = x + a
         return x + self.mlp(self.ln_2(x)), kv
 
 
-def _run_block(block, x, allowed, kv, index):
-    return block(x, allowed, kv, index)
+def _block_fn(ctx: Context):
+    return lambda block, x, kv: block(x, ctx, kv)
 
 
 class GPT2(nnx.Module):
-    """GPT-2 decoder following the prefjax model interface contract."""
+    """GPT-2 decoder following the prefjax model interface contract.
+
+    `config.scan_layers`: `layers` is one Block whose parameters carry a leading [num_layers]
+    axis (paths `("layers", "attn", "q", "kernel")`, ...), run by one lax.scan; otherwise an
+    nnx.List of Blocks (paths `("layers", i, "attn", ...)`). `remat=True` is the older switch
+    for `config.remat_policy="full"`.
+    """
 
     def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: bool = False):
@@ -182,7 +211,11 @@ class GPT2(nnx.Module):
                           ("vocab", "embed"))
         self.wpe = _param(init(rngs.params(), (c.max_position_embeddings, c.hidden_size),
                                param_dtype), ("pos", "embed"))
-        self.layers = nnx.List([Block(c, i, **kw) for i in range(c.num_layers)])
+        if c.scan_layers:  # built with layer 0's scale; the others get theirs as scanned data
+            self.layers = stack_blocks(lambda r: Block(c, 0, **{**kw, "rngs": r}),
+                                       c.num_layers, rngs)
+        else:
+            self.layers = nnx.List([Block(c, i, **kw) for i in range(c.num_layers)])
         self.ln_f = LayerNorm(c.hidden_size, c.layer_norm_eps, param_dtype=param_dtype)
         self.lm_head = None if c.tie_word_embeddings else Dense(
             c.hidden_size, c.vocab_size, ("embed", "vocab"), bias=False, **kw)
@@ -210,20 +243,36 @@ class GPT2(nnx.Module):
         Positions past n_positions raise when they are concrete (no jit, or t > n_positions);
         under jit explicit positions are not checked and the embedding gather would clamp.
         """
+        c = self.config
         b, t = input_ids.shape
         self._check_positions(t, positions)
         _, key_mask, pos, start, index = kvc.forward_context(attention_mask, (b, t), cache,
                                                              positions)
-        allowed = kvc.causal_allowed(key_mask, start, t)
-        # remat only saves activation memory for a backward pass; decoding with a cache has
-        # none (and nnx.remat cannot run under the sampler's while_loop)
-        run = nnx.remat(_run_block) if self.remat and cache is None else _run_block
+        ctx = Context(pos, key_mask, start, index)
+        # remat only saves activation memory for a backward pass; decoding with a cache has none
+        policy = block_remat(c.remat_policy, self.remat) if cache is None else "none"
         x = jnp.take(self.wte[...], input_ids, axis=0) + jnp.take(self.wpe[...], pos, axis=0)
-        x = x.astype(self.dtype)
+        x = row_sharded(x.astype(self.dtype))
+        if c.scan_layers:
+            # layer i's scores are scaled 1 / (i + 1) more than layer 0's (the stacked scale)
+            q_scale = (1.0 / jnp.arange(1, c.num_layers + 1, dtype=jnp.float32)
+                       if c.scale_attn_by_inverse_layer_idx else None)
+
+            def run(block, h, per_layer):
+                kv, qs = per_layer
+                h, kv = block(h, ctx, kv, qs)
+                return h, (None if cache is None else kv)
+
+            kv = None if cache is None else (cache.k, cache.v)
+            x, kvs = scan_blocks(self.layers, x, run, (kv, q_scale), policy=policy)
+            if cache is not None:
+                cache = KVCache(*kvs, key_mask, cache.index + t)
+            return self.ln_f(x), cache
         ks, vs = [], []
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = run(block, x, allowed, kv, index)
+            x, (k, v) = remat_block(_block_fn(ctx), policy)(block, x, kv)
+            x = row_sharded(x)
             ks.append(k)
             vs.append(v)
         if cache is not None:
@@ -268,75 +317,54 @@ def build(config: GPT2Config, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp
     return GPT2(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
 
 
-def _layout(cfg: GPT2Config) -> list[tuple[str, tuple]]:
-    """(HF tensor name, path in nnx.state(model, nnx.Param)) for the unfused parameters.
+def hf_layout(cfg: GPT2Config) -> list[tuple]:
+    """(HF tensor name, path in nnx.state(model, nnx.Param), transposed?, layer[, cols]).
 
-    HF's Conv1D weights are already [in, out], so nothing is transposed except lm_head.
+    HF's Conv1D weights are already [in, out], so nothing is transposed except lm_head. The
+    fused c_attn weight [d, 3d] / bias [3d] holds q | k | v in its columns (`cols`). Unscanned
+    blocks sit at ("layers", i, ...); with `scan_layers` at ("layers", ...), slice `layer`.
     """
-    out = [("transformer.wte.weight", ("wte",)), ("transformer.wpe.weight", ("wpe",)),
-           ("transformer.ln_f.weight", ("ln_f", "scale")),
-           ("transformer.ln_f.bias", ("ln_f", "bias"))]
+    out = [("transformer.wte.weight", ("wte",), False, None),
+           ("transformer.wpe.weight", ("wpe",), False, None),
+           ("transformer.ln_f.weight", ("ln_f", "scale"), False, None),
+           ("transformer.ln_f.bias", ("ln_f", "bias"), False, None)]
+    if not cfg.tie_word_embeddings:
+        out.append(("lm_head.weight", ("lm_head", "kernel"), True, None))
+    d, scan = cfg.hidden_size, getattr(cfg, "scan_layers", False)
     for i in range(cfg.num_layers):
-        p, q = f"transformer.h.{i}.", ("layers", i)
+        p = f"transformer.h.{i}."
+        q, layer = (("layers",), i) if scan else (("layers", i), None)
         for ln in ("ln_1", "ln_2"):
-            out += [(f"{p}{ln}.weight", (*q, ln, "scale")), (f"{p}{ln}.bias", (*q, ln, "bias"))]
+            out += [(f"{p}{ln}.weight", (*q, ln, "scale"), False, layer),
+                    (f"{p}{ln}.bias", (*q, ln, "bias"), False, layer)]
+        for j, part in enumerate("qkv"):
+            cols = (j * d, (j + 1) * d)
+            out += [(f"{p}attn.c_attn.weight", (*q, "attn", part, "kernel"), False, layer, cols),
+                    (f"{p}attn.c_attn.bias", (*q, "attn", part, "bias"), False, layer, cols)]
         for hf, ours in (("attn.c_proj", ("attn", "o")), ("mlp.c_fc", ("mlp", "fc")),
                          ("mlp.c_proj", ("mlp", "proj"))):
-            out += [(f"{p}{hf}.weight", (*q, *ours, "kernel")),
-                    (f"{p}{hf}.bias", (*q, *ours, "bias"))]
+            out += [(f"{p}{hf}.weight", (*q, *ours, "kernel"), False, layer),
+                    (f"{p}{hf}.bias", (*q, *ours, "bias"), False, layer)]
     return out
 
 
-def _set(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get(tree, path: tuple):
-    for key in path:
-        tree = tree[key]
-    return tree
+_layout = hf_layout  # the name the hooks had before
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], config: GPT2Config) -> dict:
     """HF tensors (names and shapes checked by the caller) -> nested params dict."""
-    out: dict = {}
-    for name, path in _layout(config):
-        _set(out, path, tensors[name])
-    d = config.hidden_size
-    for i in range(config.num_layers):
-        w, b = (tensors[f"transformer.h.{i}.attn.c_attn.{s}"] for s in ("weight", "bias"))
-        for j, part in enumerate("qkv"):  # c_attn columns are [q | k | v]
-            _set(out, ("layers", i, "attn", part, "kernel"), w[:, j * d:(j + 1) * d])
-            _set(out, ("layers", i, "attn", part, "bias"), b[j * d:(j + 1) * d])
-    if not config.tie_word_embeddings:
-        _set(out, ("lm_head", "kernel"), tensors["lm_head.weight"].T)
-    return out
+    from prefjax.models import hf
 
-
-def _concat(parts: list[np.ndarray]) -> np.ndarray:
-    """Concatenate on the last axis; constant broadcast views (hf.py's shape probe) stay views."""
-    shape = (*parts[0].shape[:-1], sum(p.shape[-1] for p in parts))
-    firsts = {p.flat[0].item() for p in parts if p.size}
-    if len(firsts) == 1 and all(p.size and not any(p.strides) for p in parts):
-        return np.broadcast_to(parts[0][(0,) * parts[0].ndim], shape)
-    return np.concatenate(parts, axis=-1)
+    return hf.params_from_tensors(hf_layout(config), tensors)
 
 
 def params_to_hf(model_or_state: Any, config: GPT2Config) -> dict[str, np.ndarray]:
     """A GPT2, its nnx.State of params, or the nested pure dict -> HF tensor dict (numpy)."""
+    from prefjax.models import hf
+
     pure = model_or_state
     if isinstance(pure, nnx.Module):
         pure = nnx.state(pure, nnx.Param)
     if isinstance(pure, nnx.State):
         pure = pure.to_pure_dict()
-    out = {name: np.asarray(_get(pure, path)) for name, path in _layout(config)}
-    for i in range(config.num_layers):
-        attn = pure["layers"][i]["attn"]
-        for s, key in (("weight", "kernel"), ("bias", "bias")):
-            out[f"transformer.h.{i}.attn.c_attn.{s}"] = _concat(
-                [np.asarray(attn[p][key]) for p in "qkv"])
-    if not config.tie_word_embeddings:
-        out["lm_head.weight"] = np.asarray(pure["lm_head"]["kernel"]).T
-    return out
+    return hf.tensors_from_params(hf_layout(config), pure)

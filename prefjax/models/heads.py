@@ -60,11 +60,14 @@ class RewardModel(nnx.Module):
                                param_dtype=param_dtype)
 
     @classmethod
-    def from_hf(cls, path, *, rngs: nnx.Rngs, **load_kw) -> RewardModel:
+    def from_hf(cls, path, *, rngs: nnx.Rngs, mesh=None, rules=None, param_dtype=jnp.float32,
+                **load_kw) -> RewardModel:
         """A reward model whose decoder is the HF checkpoint at `path` (e.g. the SFT policy).
 
         The head is random, unless `path` holds `reward_head.safetensors` (written by
-        `save_reward_model`): then it is the trained reward model.
+        `save_reward_model`): then it is the trained reward model. `mesh`, `rules` and
+        `param_dtype` are `load_hf`'s: with a mesh the decoder is read shard by shard into its
+        shardings and the head is placed by the same rules; a frozen scorer may be bf16.
         """
         from pathlib import Path
 
@@ -72,8 +75,9 @@ class RewardModel(nnx.Module):
 
         from prefjax.models.hf import load_hf
 
-        decoder, _ = load_hf(path, tokenizer=False, **load_kw)
-        model = cls(decoder, rngs=rngs)
+        decoder, _ = load_hf(path, tokenizer=False, mesh=mesh, rules=rules,
+                             param_dtype=param_dtype, **load_kw)
+        model = cls(decoder, rngs=rngs, param_dtype=param_dtype)
         head = Path(path) / HEAD_FILE
         if head.exists():
             w = load_file(head)
@@ -84,6 +88,8 @@ class RewardModel(nnx.Module):
                                      f"{getattr(w.get(name), 'shape', None)}, expected "
                                      f"{var[...].shape}")
                 var[...] = jnp.asarray(w[name], var[...].dtype)
+        if mesh is not None:
+            _place_on(model.head, mesh, rules)
         return model
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, *,
@@ -98,19 +104,36 @@ class RewardModel(nnx.Module):
 HEAD_FILE = "reward_head.safetensors"
 
 
-def save_reward_model(model: RewardModel, path, *, tokenizer=None):
+def _place_on(module: nnx.Module, mesh, rules=None) -> None:
+    """Move a (small) module's parameters onto `mesh` by their logical names, in place."""
+    from prefjax import parallel
+
+    state = nnx.state(module, nnx.Param)
+    shardings = parallel.param_shardings(state, mesh, parallel.DEFAULT_RULES if rules is None
+                                         else rules)
+    nnx.update(module, jax.device_put(state, shardings))
+
+
+def save_reward_model(model: RewardModel, path, *, tokenizer=None, **save_kw):
     """The decoder as an HF folder (`save_hf`) plus the head in `reward_head.safetensors`, so
-    `RewardModel.from_hf(path)` restores the trained reward model."""
+    `RewardModel.from_hf(path)` restores the trained reward model. Call it on every process
+    (like `save_hf`); process 0 writes."""
     from pathlib import Path
 
     import numpy as np
     from safetensors.numpy import save_file
 
-    from prefjax.models.hf import save_hf
+    from prefjax.models.hf import host_array, save_hf
 
-    path = save_hf(model.decoder, path, tokenizer=tokenizer)
-    save_file({k: np.asarray(jax.device_get(getattr(model.head, k)[...]), np.float32)
-               for k in ("kernel", "bias")}, str(Path(path) / HEAD_FILE))
+    path = save_hf(model.decoder, path, tokenizer=tokenizer, **save_kw)
+    head = {k: np.asarray(host_array(getattr(model.head, k)[...]), np.float32)
+            for k in ("kernel", "bias")}
+    if jax.process_index() == 0:
+        save_file(head, str(Path(path) / HEAD_FILE))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("prefjax.save_reward_model")
     return path
 
 

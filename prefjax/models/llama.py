@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from prefjax.models import attention
 from prefjax.models import cache as kvc
 from prefjax.models.cache import KVCache
 from prefjax.models.linear import matmul
+from prefjax.parallel import BATCH_AXES
 
 Array = jax.Array
 MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -56,8 +59,13 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # Model-structure options, not HF fields (from_hf leaves the defaults, to_hf ignores them):
+    scan_layers: bool = False  # blocks stacked on a leading "layers" axis, run by one lax.scan
+    remat_policy: str = "none"  # what each block saves for the backward; see REMAT_POLICIES
+    attention_impl: str = "xla"  # prefjax.models.attention implementation
 
     def __post_init__(self):
+        check_layer_options(self)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.rope_type not in ("default", "llama3"):
@@ -69,6 +77,12 @@ class LlamaConfig:
         if self.layer_types is not None and len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
                              f"{self.num_layers} layers")
+        windows = {self.window(i) for i in range(self.num_layers)}
+        if self.scan_layers and len(windows) > 1:
+            # one scanned body runs every layer, and the attention window is static structure
+            raise ValueError(
+                f"scan_layers=True needs the same attention window on every layer, but "
+                f"layer_types mixes windows {sorted(windows, key=str)}; use scan_layers=False")
 
     def window(self, layer: int) -> int | None:
         """Sliding-window size of `layer` (None = full causal attention)."""
@@ -208,6 +222,118 @@ def _param(value, names) -> nnx.Param:
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
+# --- layer options shared by every decoder: remat policy, stacked and scanned blocks ------------
+
+# Names of remat policies (config field `remat_policy`); "none" runs blocks without remat, the
+# others wrap each block in jax.checkpoint with that policy. "full" is jax's default (save only
+# the block's inputs) and is what the `remat=True` constructor argument means.
+REMAT_POLICIES = ("none", "full", "nothing_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable", "save_qkv_proj")
+# checkpoint_name tags on the q/k/v projections (after RoPE), saved by "save_qkv_proj"
+QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+
+
+def attention_impls() -> tuple[str, ...]:
+    """Valid values of the `attention_impl` config field."""
+    return attention.IMPLEMENTATIONS
+
+
+def check_layer_options(cfg) -> None:
+    """Validate a decoder config's scan_layers / remat_policy / attention_impl fields."""
+    name = type(cfg).__name__
+    if not isinstance(cfg.scan_layers, bool):
+        raise ValueError(f"{name}.scan_layers must be a bool, got {cfg.scan_layers!r}")
+    if cfg.remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"{name}.remat_policy {cfg.remat_policy!r} is not one of "
+                         f"{REMAT_POLICIES}")
+    if cfg.attention_impl not in attention_impls():
+        raise ValueError(f"{name}.attention_impl {cfg.attention_impl!r} is not one of "
+                         f"{attention_impls()}")
+
+
+def block_remat(policy: str, remat: bool) -> str:
+    """The remat policy a model runs: `remat=True` (the older switch) means "full" when the
+    config asks for none; an explicit config policy wins."""
+    return "full" if remat and policy == "none" else policy
+
+
+def checkpoint_policy(name: str):
+    """The `jax.checkpoint` policy of a REMAT_POLICIES name other than "none"."""
+    cp = jax.checkpoint_policies
+    return {"full": None, "nothing_saveable": cp.nothing_saveable,
+            "dots_saveable": cp.dots_saveable,
+            "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable,
+            "save_qkv_proj": cp.save_only_these_names(*QKV_NAMES)}[name]
+
+
+def stack_blocks(make, n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`make(rngs)` built `n` times as one module whose variables have a leading axis [n, ...]
+    (logical name "layers"); each layer draws from its own split of the rng streams."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(r):
+        return make(r)
+
+    return build(rngs)
+
+
+def remat_block(run, policy: str):
+    """`run(block, x, a)` with the block rematerialized under `policy` (a REMAT_POLICIES name).
+
+    jax.checkpoint of a pure function of the block's split state rather than nnx.remat: it
+    never writes back into the block's Variables, so it also runs when they were created at
+    another trace level (a model merged inside jit and used under grad, the sampler's loop).
+    """
+    if policy == "none":
+        return run
+
+    def call(block, x, a):
+        graphdef, state = nnx.split(block)
+        pure = lambda s, h, b: run(nnx.merge(graphdef, s), h, b)  # noqa: E731
+        return jax.checkpoint(pure, policy=checkpoint_policy(policy))(state, x, a)
+
+    return call
+
+
+def row_sharded(x: Array) -> Array:
+    """`x` [b, ...] constrained to rows split over the mesh's batch axes (a no-op off a mesh,
+    or when the rows do not divide).
+
+    Without it GSPMD follows the fsdp-sharded embedding table into the activations: every
+    device then holds all rows with the model dimension split (the TPU fit-check of a
+    Llama-3-8B DPO step on v5e-32 needed 28 GiB of temporaries per chip, 11 GiB with this).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    n = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if n == 1 or x.shape[0] % n:
+        return x
+    spec = jax.sharding.PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def scan_blocks(layers: nnx.Module, x: Array, run, xs: Any = None, *, policy: str = "none"):
+    """`(x, ys)`: for each layer i of `stack_blocks` output, `x, y_i = run(block_i, x, xs[i])`.
+
+    One `lax.scan` over the stacked variables, so the traced program holds one block whatever
+    the depth. A pure function of the split state (no nnx transform at call time): it runs
+    under grad, jit and the sampler's while_loop alike. The block is rematerialized with
+    `policy` (a REMAT_POLICIES name).
+    """
+    graphdef, state = nnx.split(layers)
+
+    def body(h, per_layer):
+        s, xi = per_layer
+        h, y = run(nnx.merge(graphdef, s), row_sharded(h), xi)
+        return row_sharded(h), y
+
+    if policy != "none":
+        body = jax.checkpoint(body, policy=checkpoint_policy(policy), prevent_cse=False)
+    return jax.lax.scan(body, x, (state, xs))
+
+
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias); kernel [in, out] with logical names `names`."""
 
@@ -236,6 +362,15 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
+class Context(NamedTuple):
+    """What every block's attention reads besides its input (from `kvc.forward_context`)."""
+
+    positions: Array  # [b, t] RoPE / learned positions of the new tokens
+    key_mask: Array  # [b, s] 1 where a key slot holds a real token (s = t, or max_len)
+    start: Array | int  # key slot of query 0: 0 without a cache, cache.index with one
+    index: Array | None  # cache write slot (None without a cache)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, **kw):
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -245,16 +380,17 @@ class Attention(nnx.Module):
         self.o = Dense(cfg.num_heads * hd, d, ("heads", "embed"), bias=cfg.o_bias, **kw)
         self.config, self.head_dim = cfg, hd
 
-    def __call__(self, x, positions, allowed, kv, index):
+    def __call__(self, x, ctx: Context, kv, window: int | None):
         b, t, _ = x.shape
         split = lambda y: y.reshape(b, t, -1, self.head_dim)  # noqa: E731
         inv_freq = rope_inv_freq(self.config)  # numpy at trace time: a compile-time constant
-        q = apply_rope(split(self.q(x)), positions, inv_freq)
-        k = apply_rope(split(self.k(x)), positions, inv_freq)
-        v = split(self.v(x))
+        q = checkpoint_name(apply_rope(split(self.q(x)), ctx.positions, inv_freq), QKV_NAMES[0])
+        k = checkpoint_name(apply_rope(split(self.k(x)), ctx.positions, inv_freq), QKV_NAMES[1])
+        v = checkpoint_name(split(self.v(x)), QKV_NAMES[2])
         if kv is not None:  # attend over the whole cache buffer with the new tokens written in
-            k, v = kvc.write(kv[0], k, index), kvc.write(kv[1], v, index)
-        a = kvc.attend(q, k, v, allowed, self.head_dim ** -0.5)
+            k, v = kvc.write(kv[0], k, ctx.index), kvc.write(kv[1], v, ctx.index)
+        a = attention.attend(q, k, v, key_mask=ctx.key_mask, q_start=ctx.start, window=window,
+                             scale=self.head_dim ** -0.5, impl=self.config.attention_impl)
         return self.o(a.reshape(b, t, -1)), (k, v)
 
 
@@ -278,14 +414,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=kw["param_dtype"])
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x, positions, allowed, kv, index):
-        a, kv = self.attn(self.attn_norm(x), positions, allowed, kv, index)
+    def __call__(self, x, ctx: Context, kv, window: int | None):
+        a, kv = self.attn(self.attn_norm(x), ctx, kv, window)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), kv
-
-
-def _run_block(block, x, positions, allowed, kv, index):
-    return block(x, positions, allowed, kv, index)
 
 
 class Embed(nnx.Module):
@@ -297,7 +429,13 @@ class Embed(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """Llama / Qwen2 / Mistral decoder following the prefjax model interface contract."""
+    """Llama / Qwen2 / Mistral decoder following the prefjax model interface contract.
+
+    `config.scan_layers`: `layers` is one Block whose parameters carry a leading [num_layers]
+    axis (paths `("layers", "attn", "q", "kernel")`, ...), run by one lax.scan; otherwise an
+    nnx.List of Blocks (paths `("layers", i, "attn", ...)`). `remat=True` is the older switch
+    for `config.remat_policy="full"`.
+    """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: bool = False):
@@ -306,7 +444,11 @@ class Llama(nnx.Module):
         c = config
         self.embed = Embed(c.vocab_size, c.hidden_size, rngs=rngs, param_dtype=param_dtype,
                            std=c.initializer_range)
-        self.layers = nnx.List([Block(c, **kw) for _ in range(c.num_layers)])
+        if c.scan_layers:
+            self.layers = stack_blocks(lambda r: Block(c, **{**kw, "rngs": r}), c.num_layers,
+                                       rngs)
+        else:
+            self.layers = nnx.List([Block(c, **kw) for _ in range(c.num_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = None if c.tie_word_embeddings else Dense(
             c.hidden_size, c.vocab_size, ("embed", "vocab"), bias=False, **kw)
@@ -315,20 +457,31 @@ class Llama(nnx.Module):
                       positions: Array | None = None, cache: KVCache | None = None
                       ) -> tuple[Array, KVCache | None]:
         """Final-normed hidden states [b, t, d] (compute dtype) and the updated cache (or None)."""
+        c = self.config
         b, t = input_ids.shape
         _, key_mask, pos, start, index = kvc.forward_context(attention_mask, (b, t), cache,
                                                              positions)
-        full = kvc.causal_allowed(key_mask, start, t)
-        windows = {self.config.window(i) for i in range(self.config.num_layers)} - {None}
-        allowed = {w: kvc.causal_allowed(key_mask, start, t, w) for w in windows} | {None: full}
-        # remat only saves activation memory for a backward pass; decoding with a cache has
-        # none (and nnx.remat cannot run under the sampler's while_loop)
-        run = nnx.remat(_run_block) if self.remat and cache is None else _run_block
-        x = jnp.take(self.embed.embedding[...], input_ids, axis=0).astype(self.dtype)
+        ctx = Context(pos, key_mask, start, index)
+        # remat only saves activation memory for a backward pass; decoding with a cache has none
+        policy = block_remat(c.remat_policy, self.remat) if cache is None else "none"
+        x = row_sharded(jnp.take(self.embed.embedding[...], input_ids, axis=0).astype(self.dtype))
+        if c.scan_layers:
+            window = c.window(0)  # the same on every layer (checked by LlamaConfig)
+
+            def run(block, h, kv):
+                h, kv = block(h, ctx, kv, window)
+                return h, (None if cache is None else kv)
+
+            kv = None if cache is None else (cache.k, cache.v)
+            x, kvs = scan_blocks(self.layers, x, run, kv, policy=policy)
+            if cache is not None:
+                cache = KVCache(*kvs, key_mask, cache.index + t)
+            return self.norm(x), cache
         ks, vs = [], []
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = run(block, x, pos, allowed[self.config.window(i)], kv, index)
+            x, (k, v) = remat_block(_block_fn(ctx, c.window(i)), policy)(block, x, kv)
+            x = row_sharded(x)
             ks.append(k)
             vs.append(v)
         if cache is not None:
@@ -359,6 +512,10 @@ class Llama(nnx.Module):
                             dtype or self.dtype)
 
 
+def _block_fn(ctx: Context, window: int | None):
+    return lambda block, x, kv: block(x, ctx, kv, window)
+
+
 # --- hooks for prefjax.models.hf (model_type "llama", "qwen2", "mistral") -----------------------
 
 # Tensors a checkpoint may carry that we do not need: old rotary buffers, and lm_head.weight
@@ -375,15 +532,17 @@ def build(config: LlamaConfig, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jn
     return Llama(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
 
 
-def _layout(cfg: LlamaConfig) -> list[tuple[str, tuple, bool]]:
-    """(HF tensor name, path in nnx.state(model, nnx.Param), transposed?) for every parameter.
+def hf_layout(cfg: LlamaConfig) -> list[tuple[str, tuple, bool, int | None]]:
+    """(HF tensor name, path in nnx.state(model, nnx.Param), transposed?, layer) per tensor.
 
-    HF stores Linear weights as [out, in]; prefjax kernels are [in, out].
+    HF stores Linear weights as [out, in]; prefjax kernels are [in, out]. Unscanned blocks sit at
+    ("layers", i, ...) (layer None); with `scan_layers` every block leaf is one array at
+    ("layers", ...) whose slice `layer` is that layer's tensor.
     """
-    out = [("model.embed_tokens.weight", ("embed", "embedding"), False),
-           ("model.norm.weight", ("norm", "scale"), False)]
+    out = [("model.embed_tokens.weight", ("embed", "embedding"), False, None),
+           ("model.norm.weight", ("norm", "scale"), False, None)]
     if not cfg.tie_word_embeddings:
-        out.append(("lm_head.weight", ("lm_head", "kernel"), True))
+        out.append(("lm_head.weight", ("lm_head", "kernel"), True, None))
     dense = (("self_attn.q_proj", ("attn", "q"), cfg.qkv_bias),
              ("self_attn.k_proj", ("attn", "k"), cfg.qkv_bias),
              ("self_attn.v_proj", ("attn", "v"), cfg.qkv_bias),
@@ -391,40 +550,36 @@ def _layout(cfg: LlamaConfig) -> list[tuple[str, tuple, bool]]:
              ("mlp.gate_proj", ("mlp", "gate"), cfg.mlp_bias),
              ("mlp.up_proj", ("mlp", "up"), cfg.mlp_bias),
              ("mlp.down_proj", ("mlp", "down"), cfg.mlp_bias))
+    scan = getattr(cfg, "scan_layers", False)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
+        q, layer = (("layers",), i) if scan else (("layers", i), None)
         for hf, ours, bias in dense:
-            out.append((f"{p}{hf}.weight", ("layers", i, *ours, "kernel"), True))
+            out.append((f"{p}{hf}.weight", (*q, *ours, "kernel"), True, layer))
             if bias:
-                out.append((f"{p}{hf}.bias", ("layers", i, *ours, "bias"), False))
-        out.append((p + "input_layernorm.weight", ("layers", i, "attn_norm", "scale"), False))
-        out.append((p + "post_attention_layernorm.weight", ("layers", i, "mlp_norm", "scale"),
-                    False))
+                out.append((f"{p}{hf}.bias", (*q, *ours, "bias"), False, layer))
+        out.append((p + "input_layernorm.weight", (*q, "attn_norm", "scale"), False, layer))
+        out.append((p + "post_attention_layernorm.weight", (*q, "mlp_norm", "scale"), False,
+                    layer))
     return out
+
+
+_layout = hf_layout  # the name the hooks had before
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], config: LlamaConfig) -> dict:
     """HF tensors (all expected names present, shapes checked by the caller) -> nested params."""
-    out: dict = {}
-    for name, path, transpose in _layout(config):
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = tensors[name].T if transpose else tensors[name]
-    return out
+    from prefjax.models import hf
+
+    return hf.params_from_tensors(hf_layout(config), tensors)
 
 
 def params_to_hf(model_or_state: Any, config: LlamaConfig) -> dict[str, np.ndarray]:
-    """A Llama, its nnx.State of params, or the nested pure dict -> HF tensor dict (numpy views)."""
-    pure = pure_params(model_or_state)
-    out = {}
-    for name, path, transpose in _layout(config):
-        x = pure
-        for key in path:
-            x = x[key]
-        x = np.asarray(x)
-        out[name] = x.T if transpose else x
-    return out
+    """A Llama, its nnx.State of params, or the nested pure dict -> HF tensor dict (numpy views
+    of host arrays; stacked layers are sliced)."""
+    from prefjax.models import hf
+
+    return hf.tensors_from_params(hf_layout(config), pure_params(model_or_state))
 
 
 def pure_params(model_or_state: Any) -> dict:

@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # which normalised data format each data kind needs
-KIND_FORMATS = {"pairs": ("pairwise", "hh", "conversational"), "sft": ("completion",),
+KIND_FORMATS = {"pairs": ("pairwise", "hh", "conversational"), "sequences": ("completion",),
                 "prompts": ("prompt_only", "pairwise", "hh", "conversational", "completion")}
+KIND_FORMATS["sft"] = KIND_FORMATS["sequences"]  # the old name of the sequences kind
 
 
 def mesh_and_rules(c: ConfigDict):
@@ -39,7 +40,10 @@ def mesh_and_rules(c: ConfigDict):
 
 def make_optimizer(t: ConfigDict) -> optax.GradientTransformation:
     """Optimizer of `config.train`: linear warmup then constant or cosine, inside
-    `inject_hyperparams` so the learning rate is logged. Clipping is done by the step."""
+    `inject_hyperparams` so the learning rate is logged. Clipping is done by the step.
+
+    `train.moment_dtype` "bfloat16" keeps AdamW's two moments in bf16 (stochastically rounded,
+    see `prefjax.train.moments`); "float32" (default) is `optax.adamw` itself."""
     if t.lr <= 0:
         raise ValueError(f"train.lr must be > 0, got {t.lr}")
     if t.schedule == "constant":
@@ -51,9 +55,18 @@ def make_optimizer(t: ConfigDict) -> optax.GradientTransformation:
     sched = optax.join_schedules(
         [optax.linear_schedule(0.0, t.lr, t.warmup_steps), after], [t.warmup_steps]
     ) if t.warmup_steps > 0 else after
+    from prefjax.train.moments import adamw
+
+    moments = t.get("moment_dtype", "float32")
+    if moments not in DTYPES:
+        raise ValueError(f"train.moment_dtype must be one of {list(DTYPES)}, got {moments!r}")
+    if moments != "float32" and t.optimizer != "adamw":
+        raise ValueError(f"train.moment_dtype={moments!r} is only supported with "
+                         f"train.optimizer='adamw', got {t.optimizer!r}")
     makers = {
-        "adamw": lambda learning_rate: optax.adamw(
-            learning_rate, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay),
+        "adamw": lambda learning_rate: adamw(
+            learning_rate, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+            moment_dtype=DTYPES[moments]),
         "rmsprop": lambda learning_rate: optax.rmsprop(learning_rate),
         "sgd": lambda learning_rate: optax.sgd(learning_rate, momentum=t.b1),
     }
@@ -101,19 +114,22 @@ def load_tokenizer(c: ConfigDict):
     return tok
 
 
-def decoder_fn(c: ConfigDict, tokenizer) -> Callable[[nnx.Rngs], nnx.Module] | nnx.Module:
-    """The policy decoder: a function of rngs (random tiny init) or a loaded module (HF folder)."""
+def decoder_fn(c: ConfigDict, tokenizer, *, mesh=None, rules=None
+               ) -> Callable[[nnx.Rngs], nnx.Module] | nnx.Module:
+    """The policy decoder: a function of rngs (random tiny init) or a loaded module (HF folder;
+    with `mesh`, each parameter is read straight into its sharding by `rules`)."""
     dtype = DTYPES[c.model.dtype]
     src = init_source(c)
     if src != "tiny":
         from prefjax.models.hf import load_hf
 
-        model, _ = load_hf(src, dtype=dtype, remat=c.model.remat, tokenizer=False)
+        model, _ = load_hf(src, dtype=dtype, remat=c.model.remat, tokenizer=False, mesh=mesh,
+                           rules=rules, config_overrides=layer_options(c))
         return model
     m = c.model
     v = m.vocab_size or len(tokenizer)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+               pad_token_id=tokenizer.pad_token_id, **layer_options(c))
     if m.arch == "llama":
         from prefjax.models.llama import Llama, LlamaConfig
 
@@ -132,28 +148,52 @@ def decoder_fn(c: ConfigDict, tokenizer) -> Callable[[nnx.Rngs], nnx.Module] | n
     raise ValueError(f"model.arch must be 'llama' or 'gpt2', got {m.arch!r}")
 
 
+def layer_options(c: ConfigDict) -> dict:
+    """The decoder config fields (LlamaConfig / GPT2Config) that `config.model` sets beyond the
+    checkpoint's shape: scanned layers, remat policy, attention implementation."""
+    from prefjax.models import attention
+    from prefjax.models.llama import REMAT_POLICIES
+
+    m = c.model
+    out = dict(scan_layers=m.get("scan_layers", False),
+               remat_policy=m.get("remat_policy", "none"), attention_impl=m.get("attention", "xla"))
+    if out["remat_policy"] not in REMAT_POLICIES:
+        raise ValueError(f"model.remat_policy must be one of {REMAT_POLICIES}, got "
+                         f"{out['remat_policy']!r}")
+    if out["attention_impl"] not in attention.IMPLEMENTATIONS:
+        raise ValueError(f"model.attention must be one of {attention.IMPLEMENTATIONS}, got "
+                         f"{out['attention_impl']!r}")
+    return out
+
+
 def materialize(decoder, seed: int) -> nnx.Module:
     """`decoder_fn`'s result as a module: a loaded one as is, a random one initialised at `seed`."""
     return decoder if isinstance(decoder, nnx.Module) else decoder(nnx.Rngs(seed))
 
 
-def reference_module(c: ConfigDict, decoder) -> nnx.Module:
+def reference_module(c: ConfigDict, decoder, *, mesh=None, rules=None) -> nnx.Module:
     """The frozen reference: `reference.source` (HF folder / run workdir) or the initial policy.
 
     Without `reference.source` a loaded `decoder` is returned itself, not a copy: a caller that
     also trains it as the policy must `nnx.clone` it when `ref is policy`, or the reference moves.
+    A loaded reference is read straight into its shardings with `mesh` (and kept in
+    `reference.param_dtype` when that is set, never widened first).
     """
     if c.reference.source:
         from prefjax.models.hf import load_hf
 
+        kw = {}
+        if c.reference.get("param_dtype", ""):
+            kw["param_dtype"] = DTYPES[c.reference.param_dtype]
         ref, _ = load_hf(hf_folder(c.reference.source), dtype=DTYPES[c.model.dtype],
-                         tokenizer=False)
+                         tokenizer=False, mesh=mesh, rules=rules, **kw)
         return ref
     return materialize(decoder, c.seed)
 
 
 def load_data(c: ConfigDict, tokenizer, kind: str):
-    """`(train, eval)` tokenized datasets of `kind` ("pairs" | "sft" | "prompts").
+    """`(train, eval)` tokenized datasets of `kind` ("pairs" | "sequences" | "prompts"; "sft"
+    is an old name of "sequences"): an algorithm record's data kind.
 
     Synthetic: generated from `data.num_train` / `data.num_eval` with held-out seeds. Files:
     `data.source` (and `data.eval_source`, else an `eval_fraction` split by the run's seed).
@@ -161,7 +201,8 @@ def load_data(c: ConfigDict, tokenizer, kind: str):
     d = c.data
     if d.source == "synthetic":
         make = {"pairs": lambda n, s: syn.make_preference_dataset(n, s, labeling=d.labeling),
-                "sft": syn.make_sft_dataset, "prompts": syn.make_prompt_dataset}[kind]
+                "sequences": syn.make_sft_dataset, "sft": syn.make_sft_dataset,
+                "prompts": syn.make_prompt_dataset}[kind]
         train, held = make(d.num_train, c.seed), make(d.num_eval, c.seed + 10_000)
     else:
         train = load_preference_data(d.source, format=d.format, on_bad_row=d.on_bad_row)

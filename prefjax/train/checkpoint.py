@@ -4,6 +4,11 @@ A checkpoint of step s is a directory `<dir>/<s>/` with two items: `state` (para
 opt_state, step, rng as an Orbax PyTree) and `extra` (JSON: data-loader position, config
 snapshot, anything the loop needs to resume). Orbax writes to a temporary directory and renames
 it when complete, so a run killed mid-save leaves a directory that `latest_step` ignores.
+
+Only what training changes is written: with `frozen` (an nnx filter over `state.rest`, e.g. the
+live reference of a `WithReference`), the frozen variables are left out and `restore` takes them
+back from the caller (`frozen_rest`, rebuilt from their source). Restore targets are abstract
+(ShapeDtypeStruct + sharding), so a resumed run never holds a second copy of the state.
 """
 
 from __future__ import annotations
@@ -17,13 +22,19 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from prefjax.paths import as_path
-from prefjax.train.state import TrainState
+from prefjax.train.state import TrainState, merge_rest, split_rest
 
 _SAVED = ("params", "rest", "opt_state", "step", "rng")  # graphdef is code, not data
 
 
 def _to_tree(state: TrainState) -> dict[str, Any]:
     return {k: getattr(state, k) for k in _SAVED}
+
+
+def _abstract(x, sharding=None):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                sharding=getattr(x, "sharding", None) if sharding is None
+                                else sharding)
 
 
 class Checkpointer:
@@ -33,11 +44,15 @@ class Checkpointer:
     best_metric: a key of the `metrics` passed to `save` (e.g. "eval/loss"); the best checkpoint
     by it (`best_mode` "min" | "max") is kept even when older than the last `keep`.
     async_save: write in a background thread; call `wait()` before reading files or exiting.
+    frozen: nnx filter over `state.rest` of variables that training never changes (e.g.
+        `prefjax.train.state.FROZEN_REFERENCE`); they are not written, and `restore` needs them
+        as `frozen_rest`.
     """
 
     def __init__(self, directory: str | Path, *, keep: int = 3, save_every: int = 1,
                  best_metric: str | None = None, best_mode: str = "min",
-                 async_save: bool = True):
+                 async_save: bool = True, frozen: Any = None):
+        self.frozen = frozen
         if keep < 1:
             raise ValueError(f"keep must be >= 1 checkpoints, got {keep}")
         if save_every < 1:
@@ -85,9 +100,13 @@ class Checkpointer:
         if self.best_metric and metrics is not None and self.best_metric not in metrics:
             raise KeyError(f"save(metrics=...) lacks best_metric {self.best_metric!r}: "
                            f"got {sorted(metrics)}")
+        tree = _to_tree(state)
+        if self.frozen is not None:
+            tree["rest"] = split_rest(state.rest, self.frozen)[1]
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(_to_tree(state)),
-            extra=ocp.args.JsonSave({"extra": extra or {}, "metrics": metrics}))
+            state=ocp.args.StandardSave(tree),
+            extra=ocp.args.JsonSave({"extra": extra or {}, "metrics": metrics,
+                                     "frozen_left_out": self.frozen is not None}))
         return self._manager.save(int(step), args=args, metrics=metrics, force=force)
 
     def latest_step(self) -> int | None:
@@ -112,13 +131,17 @@ class Checkpointer:
             step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
 
     def restore(self, step: int | None = None, *, abstract_state: TrainState,
-                shardings: TrainState | None = None) -> tuple[TrainState, dict]:
+                shardings: TrainState | None = None,
+                frozen_rest: Any = None) -> tuple[TrainState, dict]:
         """Load checkpoint `step` (default: latest) into `shardings` -> `(state, extra)`.
 
-        abstract_state: the TrainState structure (e.g. from `abstract_train_state`); its graphdef
-        is reused. shardings: target NamedShardings (from `create_train_state` /
-        `state_shardings`), which may differ from the run that saved: an 8-device checkpoint
-        restores onto one device and back.
+        abstract_state: the TrainState structure (e.g. from `abstract_state_for`); its graphdef
+        is reused and only shapes and dtypes are read from its leaves. shardings: target
+        NamedShardings (from `create_train_state` / `state_shardings`), which may differ from the
+        run that saved: an 8-device checkpoint restores onto one device and back.
+        frozen_rest: the frozen part of `state.rest` (`place_frozen`), required when this
+        Checkpointer has `frozen` and the checkpoint left it out; with a checkpoint that holds
+        it (written without `frozen`), the saved values are replaced by `frozen_rest` if given.
         """
         self.wait()
         step = self.latest_step() if step is None else int(step)
@@ -128,14 +151,26 @@ class Checkpointer:
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}")
         target = _to_tree(abstract_state)
-        if shardings is not None:
-            target = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                target, _to_tree(shardings))
+        target = (jax.tree.map(_abstract, target) if shardings is None else
+                  jax.tree.map(_abstract, target, _to_tree(shardings)))
+        left_out = bool(self._read_extra(step).get("frozen_left_out", False))
+        if left_out:
+            if self.frozen is None or frozen_rest is None:
+                raise ValueError(
+                    f"checkpoint {step} in {self.directory} was written without its frozen "
+                    "variables (e.g. a live reference); restore needs Checkpointer(frozen=...) "
+                    "and frozen_rest= (the frozen part rebuilt from its source, `place_frozen`)")
+            target["rest"] = split_rest(target["rest"], self.frozen)[1]
         out = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
-        state = abstract_state.replace(**out["state"])
-        return state, out["extra"]["extra"]
+        extra = out["extra"]["extra"]
+        tree = dict(out["state"])
+        del out
+        if frozen_rest is not None and self.frozen is not None:
+            others = (tree["rest"] if left_out else split_rest(tree["rest"], self.frozen)[1])
+            tree["rest"] = merge_rest(frozen_rest, others)
+        state = abstract_state.replace(**tree)
+        return state, extra
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""

@@ -80,6 +80,7 @@ def fit(
     log_every: int = 10,
     extra: Mapping[str, Any] | None = None,
     progress: bool | None = None,
+    frozen_rest: Callable[[], Any] | None = None,
 ) -> TrainState:
     """Train until `state.step == num_steps`; returns the final state.
 
@@ -90,6 +91,10 @@ def fit(
     eval_fn: `state -> metrics`, run every `eval_every` steps (0: only at the end) and logged
         with an `eval/` prefix in the same record as that step's training metrics.
     extra: JSON-serialisable facts stored with every checkpoint (e.g. the config).
+    frozen_rest: on resume, builds the frozen part of `state.rest` that the checkpointer leaves
+        out (`Checkpointer(frozen=...)`, e.g. a live reference; `state.place_frozen`).
+    abstract_state: the restore target; only its shapes and dtypes are read, so pass an abstract
+        state (`abstract_state_for`), never a concrete one kept alive beside the restored copy.
     A step whose metrics have `nonfinite` = 1 (its update was skipped by the step) stops the run
     with `NonFiniteLossError`; the checkpoints already written are left untouched.
     """
@@ -100,7 +105,8 @@ def fit(
         state, window = init_state(), Window()
     else:
         state, saved = checkpointer.restore(
-            start, abstract_state=abstract_state, shardings=shardings)
+            start, abstract_state=abstract_state, shardings=shardings,
+            frozen_rest=None if frozen_rest is None else frozen_rest())
         batches.restore(saved["data"])
         window = Window(**saved.get("window", {}))
         log.info("resumed from %s at step %d", checkpointer.directory, start)

@@ -64,10 +64,19 @@ def _init_state(model_fn, optimizer, seed, trainable) -> TrainState:
     with nnx.use_eager_sharding(False):
         model = model_fn(nnx.Rngs(seed))
     graphdef, params, rest = _split(model, trainable)
-    return TrainState(
-        graphdef=graphdef, params=params, rest=rest, opt_state=optimizer.init(params),
-        step=jnp.zeros((), jnp.int32),
-        rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
+    return _fresh_state(graphdef, optimizer, seed)(params, rest)
+
+
+def _fresh_state(graphdef, optimizer: optax.GradientTransformation, seed: int):
+    """`(params, rest) -> TrainState` at step 0: fresh optimizer state, the run's rng."""
+
+    def build(params, rest):
+        return TrainState(
+            graphdef=graphdef, params=params, rest=rest, opt_state=optimizer.init(params),
+            step=jnp.zeros((), jnp.int32),
+            rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
+
+    return build
 
 
 def state_shardings(
@@ -119,17 +128,72 @@ def state_from_module(
     rng matches `create_train_state(seed=seed)`.
     """
     graphdef, params, rest = _split(model, trainable)
-
-    def build(p, r):
-        return TrainState(
-            graphdef=graphdef, params=p, rest=r, opt_state=optimizer.init(p),
-            step=jnp.zeros((), jnp.int32),
-            rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
+    build = _fresh_state(graphdef, optimizer, seed)
 
     shardings = state_shardings(jax.eval_shape(build, params, rest), mesh, rules)
     params = jax.device_put(params, shardings.params)
     rest = jax.device_put(rest, shardings.rest)
     return jax.jit(build, out_shardings=shardings)(params, rest), shardings
+
+
+def abstract_module(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int = 0) -> nnx.Module:
+    """The module `model_fn` builds, with ShapeDtypeStruct leaves (nothing allocated)."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: model_fn(nnx.Rngs(seed)))
+
+
+def abstract_state_for(
+    model: nnx.Module | Callable[[nnx.Rngs], nnx.Module], optimizer: optax.GradientTransformation,
+    *, seed: int = 0, trainable: Any = nnx.Param,
+) -> TrainState:
+    """The abstract TrainState (ShapeDtypeStructs) of a run, without building a concrete one.
+
+    model: a function of rngs (random init), or a module whose leaves are arrays (e.g. loaded
+    by `load_hf`) or ShapeDtypeStructs (`abstract_module`, or an eval_shape'd loader); mixed
+    is fine (e.g. `WithReference(abstract policy, loaded reference)`). Nothing is copied: the
+    result is the restore target of `Checkpointer.restore` and, through `state_shardings`, the
+    layout of the step. Same structure and rng as `create_train_state` / `state_from_module`.
+    """
+    if not isinstance(model, nnx.Module):
+        return abstract_train_state(model, optimizer, seed=seed, trainable=trainable)
+    graphdef, params, rest = _split(model, trainable)
+    build = _fresh_state(graphdef, optimizer, seed)
+
+    abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+    return jax.eval_shape(build, jax.tree.map(abstract, params), jax.tree.map(abstract, rest))
+
+
+def split_rest(rest: Any, frozen: Any) -> tuple[Any, Any]:
+    """`(frozen part, the others)` of `state.rest` by nnx filter `frozen` (e.g.
+    `FROZEN_REFERENCE`); `merge_rest` puts them back together."""
+    return nnx.split_state(rest, frozen, ...)
+
+
+def merge_rest(frozen_part: Any, others: Any) -> Any:
+    """Inverse of `split_rest`."""
+    return nnx.merge_state(frozen_part, others)
+
+
+# The frozen half of a `WithReference` (prefjax.train.reference): its reference's variables.
+FROZEN_REFERENCE = nnx.PathContains("reference")
+
+
+def place_frozen(
+    model: nnx.Module, shardings: TrainState, *, frozen: Any = FROZEN_REFERENCE,
+    trainable: Any = nnx.Param,
+) -> Any:
+    """The frozen part of `model`'s rest, placed on its shardings (from `state_shardings`).
+
+    What `Checkpointer.restore(frozen_rest=...)` puts back into a resumed state: the checkpoint
+    holds only what training changes, the frozen part comes from the freshly built model. Only
+    the frozen leaves of `model` need be concrete. The result is a copy: the train step donates
+    the state, which would otherwise delete `model`'s arrays under whoever else holds it (drop
+    `model` afterwards so the reference is not held twice).
+    """
+    _, _, rest = _split(model, trainable)
+    part, _ = split_rest(rest, frozen)
+    sh, _ = split_rest(shardings.rest, frozen)
+    return jax.device_put(part, sh, may_alias=False)
 
 
 def step_key(state: TrainState) -> jax.Array:

@@ -133,8 +133,6 @@ BAD_ROWS = {
     "empty": ({"prompt": "p", "chosen": " a", "rejected": "  "}, "rejected", "is empty"),
     "non_string": ({"prompt": "p", "chosen": " a", "rejected": 5}, "rejected",
                    "expected a non-empty response string, got int"),
-    "identical": ({"prompt": "p", "chosen": " same", "rejected": " same"}, "rejected",
-                  "identical to 'chosen'"),
     "empty_prompt": ({"prompt": "", "chosen": " a", "rejected": " b"}, "prompt", "is empty"),
 }
 
@@ -165,7 +163,7 @@ def test_bad_hh_and_messages_rows(tmp_path):
 
 
 def test_skip_drops_counts_and_logs_once(tmp_path, caplog):
-    rows = [PAIRS[0], BAD_ROWS["empty"][0], PAIRS[1], BAD_ROWS["identical"][0], PAIRS[2]]
+    rows = [PAIRS[0], BAD_ROWS["empty"][0], PAIRS[1], BAD_ROWS["non_string"][0], PAIRS[2]]
     path = write(tmp_path / "mixed.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="prefjax.data.preference"):
         ds, report = load_preference_data(path, on_bad_row="skip", return_report=True,
@@ -178,11 +176,38 @@ def test_skip_drops_counts_and_logs_once(tmp_path, caplog):
 
 
 def test_error_mode_counts_other_bad_rows(tmp_path):
-    rows = [PAIRS[0], BAD_ROWS["empty"][0], BAD_ROWS["identical"][0]]
+    rows = [PAIRS[0], BAD_ROWS["empty"][0], BAD_ROWS["non_string"][0]]
     with pytest.raises(BadRowError, match=r"row 1: .*\(1 more bad rows"):
         load_preference_data(write(tmp_path / "m.jsonl", rows), cache_dir=str(tmp_path / "c"))
     with pytest.raises(ValueError, match="on_bad_row"):
         load_preference_data(write(tmp_path / "ok.jsonl", PAIRS), on_bad_row="ignore")
+
+
+def test_identical_pairs_are_kept_and_counted(tmp_path, caplog):
+    same = {"prompt": "p", "chosen": " same", "rejected": " same"}
+    hh = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: b"}
+    c = str(tmp_path / "c")
+    with caplog.at_level(logging.WARNING, logger="prefjax.data.preference"):
+        ds, report = load_preference_data(write(tmp_path / "s.jsonl", PAIRS + [same]),
+                                          return_report=True, cache_dir=c)
+    assert len(ds) == len(PAIRS) + 1 and report.identical == 1 and report.skipped == 0
+    assert any("1 of 4 pairs have chosen == rejected" in r.getMessage() for r in caplog.records)
+    ds, report = load_preference_data(write(tmp_path / "hh.jsonl", [hh]), return_report=True,
+                                      cache_dir=c)
+    assert report.identical == 1 and ds["chosen"][0] == ds["rejected"][0] == " b"
+    assert ds["prompt"][0] == "\n\nHuman: a\n\nAssistant:"
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    lines = [json.dumps(PAIRS[0]), "", json.dumps(PAIRS[1]), '{"prompt": "p", "chosen": "a",',
+             json.dumps(PAIRS[2])]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl: line 4: not valid JSON"):
+        load_preference_data(path, cache_dir=str(tmp_path / "c"))
+    path.write_text(json.dumps(PAIRS[0]) + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl: line 2: expected a JSON object, got list"):
+        load_preference_data(path, cache_dir=str(tmp_path / "c2"))
 
 
 def test_prepare_in_memory_dataset():

@@ -45,21 +45,17 @@ def child_env(devices: int) -> dict[str, str]:
     return env
 
 
-def launch(out: Path, n: int, extra: list[str] = ()) -> None:
-    """Run `n` worker processes to completion; on any failure or timeout kill the rest and fail
-    with every child's stderr (a survivor would wait forever in a collective)."""
-    out.mkdir(parents=True)
-    port = free_port()
-    procs, logs = [], []
-    for i in range(n):
-        log = (out / f"stderr_{i}.txt").open("w")
-        cmd = [sys.executable, "-m", "tests.multihost.worker", "--out", str(out), *extra]
-        if n > 1:
-            cmd += ["--num-processes", str(n), "--process-id", str(i), "--port", str(port)]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=child_env(8 // n), stdout=log,
+def run_processes(cmds: list[list[str]], logs: list[Path], timeout_s: float) -> None:
+    """Run one process per command (`8 // len(cmds)` CPU devices each) to completion; on any
+    failure or timeout kill the rest and fail with every child's stderr (a survivor would wait
+    forever in a collective)."""
+    n = len(cmds)
+    procs, files = [], []
+    for cmd, log in zip(cmds, logs):
+        files.append(log.open("w"))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=child_env(8 // n), stdout=files[-1],
                                       stderr=subprocess.STDOUT))
-        logs.append(log)
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     try:
         while any(p.poll() is None for p in procs):
             failed = any(p.returncode not in (None, 0) for p in procs)
@@ -71,15 +67,28 @@ def launch(out: Path, n: int, extra: list[str] = ()) -> None:
             if p.poll() is None:
                 p.kill()
             p.wait()
-        for log in logs:
-            log.close()
+        for f in files:
+            f.close()
     codes = [p.returncode for p in procs]
     if any(codes):
-        tails = "\n".join(f"--- process {i} (rc={c}) ---\n"
-                          + (out / f"stderr_{i}.txt").read_text()[-3000:]
-                          for i, c in enumerate(codes))
+        tails = "\n".join(f"--- process {i} (rc={c}) ---\n" + log.read_text()[-4000:]
+                          for i, (c, log) in enumerate(zip(codes, logs)))
         timed_out = time.monotonic() > deadline
-        pytest.fail(f"{n}-process worker {'timed out' if timed_out else 'failed'}:\n{tails}")
+        pytest.fail(f"{n}-process run {'timed out' if timed_out else 'failed'}:\n{tails}")
+
+
+def process_flags(n: int, i: int, port: int) -> list[str]:
+    """The worker flags of process `i` of `n` (none for a single process)."""
+    return ["--num-processes", str(n), "--process-id", str(i), "--port", str(port)] if n > 1 else []
+
+
+def launch(out: Path, n: int, extra: list[str] = ()) -> None:
+    """`n` processes of tests/multihost/worker.py writing their results to `out`."""
+    out.mkdir(parents=True)
+    port = free_port()
+    cmds = [[sys.executable, "-m", "tests.multihost.worker", "--out", str(out), *extra,
+             *process_flags(n, i, port)] for i in range(n)]
+    run_processes(cmds, [out / f"stderr_{i}.txt" for i in range(n)], TIMEOUT_S)
 
 
 def load(out: Path, i: int) -> tuple[dict, dict]:

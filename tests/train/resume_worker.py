@@ -9,8 +9,7 @@ import logging
 import sys
 import time
 
-import prefjax.train.offline as offline
-import prefjax.train.online as online
+import prefjax.pipeline.run as pipeline
 from prefjax.config import lock
 from prefjax.main import run
 from tests.train.test_offline import resume_config
@@ -18,7 +17,7 @@ from tests.train.test_offline import resume_config
 
 def main(workdir: str, delay: float, name: str) -> None:
     logging.basicConfig(level=logging.INFO, force=True)  # the parent checks the "resumed from" line
-    fit = offline.fit
+    fit = pipeline.fit
 
     def slow_fit(init_state, step, *args, **kw):
         def slow_step(state, batch):
@@ -27,7 +26,7 @@ def main(workdir: str, delay: float, name: str) -> None:
 
         return fit(init_state, slow_step, *args, **kw)
 
-    offline.fit = online.fit = slow_fit
+    pipeline.fit = slow_fit
     run(lock(resume_config(name)), workdir)
 
 

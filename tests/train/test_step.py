@@ -128,9 +128,9 @@ def test_split_microbatches_keeps_pairs_together():
     np.testing.assert_array_equal(mb["y"], 10 * np.asarray([[0, 1, 4, 5], [2, 3, 6, 7]]))
     flat = split_microbatches(b, 2, paired=False)
     np.testing.assert_array_equal(flat["x"], [[0, 1, 2, 3], [4, 5, 6, 7]])
-    # MPO: 4 pairs then 2 reference rows with their own mask
+    # MPO: 4 pairs then 2 reference rows with their own mask (a tail group the record names)
     mpo = {"x": np.arange(10), "ref_sample_mask": np.asarray([1.0, 0.0])}
-    mb = split_microbatches(mpo, 2)
+    mb = split_microbatches(mpo, 2, tail_key="ref_sample_mask")
     np.testing.assert_array_equal(mb["x"], [[0, 1, 4, 5, 8], [2, 3, 6, 7, 9]])
     np.testing.assert_array_equal(mb["ref_sample_mask"], [[1.0], [0.0]])
     with pytest.raises(ValueError, match="grad_accum=3"):
@@ -228,7 +228,8 @@ def test_frozen_embedding_gets_no_update():
 def test_merge_inverts_split():
     mpo = {"x": np.arange(20).reshape(10, 2), "ref_sample_mask": np.asarray([1.0, 0.0])}
     for paired in (True, False):
-        back = merge_microbatches(split_microbatches(mpo, 2, paired=paired), paired=paired)
+        split = split_microbatches(mpo, 2, paired=paired, tail_key="ref_sample_mask")
+        back = merge_microbatches(split, paired=paired, tail_key="ref_sample_mask")
         for key in mpo:
             np.testing.assert_array_equal(back[key], mpo[key])
 
