@@ -90,10 +90,13 @@ def reference_source(config: Mapping) -> str:
 
 
 def load_run(workdir: str | os.PathLike, *, reference: str | None = None,
-             dtype=jnp.float32) -> tuple[nnx.Module, nnx.Module, dict]:
+             dtype=jnp.float32, step: int | None = None
+             ) -> tuple[nnx.Module, nnx.Module, dict]:
     """(policy, reference, config dict) of a trained run directory, for `token_rewards`.
 
-    The policy is the run's export (`workdir/export`, written when `train.export_hf` is on).
+    The policy is the run's export (`workdir/export`, written when `train.export_hf` is on);
+    with `step=` (or when there is no export) it is restored from the run's checkpoint of that
+    step (None: the latest) instead, e.g. to look at a run mid-training.
     The reference is `reference` if given (an HF folder or a run workdir, which stands for its
     export), else `reference_source(config)`; a random-init reference ("tiny") is rebuilt from
     the config at its seed, as the trainer built it. Both load in `dtype` (default float32).
@@ -109,10 +112,13 @@ def load_run(workdir: str | os.PathLike, *, reference: str | None = None,
         raise FileNotFoundError(f"{cfg_file} not found: is {wd} a prefjax run directory?")
     config = json.loads(cfg_file.read_text())
     export = build.export_dir(wd)
-    if not (export / "config.json").exists():
-        raise FileNotFoundError(f"{export} holds no exported policy (config.json); the run must "
-                                "finish with train.export_hf = True")
-    policy, _ = load_hf(export, dtype=dtype, tokenizer=False)
+    if step is None and (export / "config.json").exists():
+        policy, _ = load_hf(export, dtype=dtype, tokenizer=False)
+    elif (wd / "checkpoints").exists():
+        policy = checkpoint_policy(wd, _merged(base_config(), config), step)
+    else:
+        raise FileNotFoundError(f"{wd} holds neither an exported policy ({export}/config.json, "
+                                "written with train.export_hf = True) nor checkpoints/")
     src = reference or reference_source(config)
     if src == "tiny":
         # the run's fields over today's defaults, so a config.json written before a field
@@ -128,6 +134,33 @@ def load_run(workdir: str | os.PathLike, *, reference: str | None = None,
             f"{cfg_file}: cannot load the reference {src!r} (reference.source / model.init_from "
             f"/ model.source, or the `reference` argument): {e}") from e
     return policy, ref, config
+
+
+def checkpoint_policy(workdir, c, step: int | None = None) -> nnx.Module:
+    """The policy of checkpoint `step` (None: the latest) of the run of config `c` in `workdir`,
+    restored into the structure the pipeline trained (a live reference, when the run had one,
+    is rebuilt from its source as on resume; a value head is dropped)."""
+    from prefjax.losses import records
+    from prefjax.paths import as_path
+    from prefjax.pipeline import models
+    from prefjax.train import build
+    from prefjax.train.checkpoint import Checkpointer
+    from prefjax.train.state import merge_model
+
+    rec = records.get(c.algo)
+    tokenizer = build.load_tokenizer(c)
+    mesh, rules = build.mesh_and_rules(c)
+    decoder = build.decoder_fn(c, tokenizer, mesh=mesh, rules=rules)
+    live = None
+    if (not rec.online and c.reference.mode == "live"
+            and rec.needs_reference(c.loss.to_dict())):
+        live = models.reference_model(c, decoder, mesh=mesh, rules=rules)
+    tr = models.trainee(c, rec, decoder, optimizer=build.make_optimizer(c.train), mesh=mesh,
+                        rules=rules, live_reference=live)
+    with Checkpointer(as_path(workdir) / "checkpoints", frozen=tr.frozen) as ck:
+        state, _ = ck.restore(step, abstract_state=tr.abstract, shardings=tr.shardings,
+                              frozen_rest=tr.frozen_rest() if tr.frozen_rest else None)
+    return models.export_model(merge_model(state))
 
 
 def _merged(c, values: Mapping):

@@ -257,3 +257,33 @@ def test_load_run_rebuilds_a_random_init_reference(tmp_path):
     want = np.asarray(credit.token_rewards(policy, want_ref, batch, beta=1.0))
     np.testing.assert_allclose(credit.token_rewards(pol, ref, batch, beta=1.0), want, atol=1e-6)
     assert np.abs(want).max() > 0.01
+
+
+@pytest.mark.parametrize("mode", ["precomputed", "live"])
+def test_load_run_restores_the_policy_from_a_checkpoint(tmp_path, mode):
+    """`step=` (or a run without export) restores the policy from the run's checkpoint: the
+    final checkpoint's policy equals the exported one (float32 export of the same parameters),
+    with the live reference, which checkpoints leave out, rebuilt from its source."""
+    import shutil
+
+    import jax
+
+    from prefjax.main import run
+    from tests.train.test_pipeline import smoke
+
+    c = smoke("dpo_synthetic", reference__mode=mode, train__num_steps=4, train__save_every=2,
+              train__export_hf=True)
+    run(c, str(tmp_path))
+    exported, ref, _ = credit.load_run(tmp_path)
+    last, ref2, _ = credit.load_run(tmp_path, step=4)
+    earlier, _, _ = credit.load_run(tmp_path, step=2)
+    flat = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param))  # noqa: E731
+    for a, b in zip(flat(last), flat(exported), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(a, b) for a, b in zip(flat(earlier), flat(last)))
+    for a, b in zip(flat(ref), flat(ref2), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    shutil.rmtree(tmp_path / "export")  # no export: the latest checkpoint stands in for it
+    latest, _, _ = credit.load_run(tmp_path)
+    for a, b in zip(flat(latest), flat(exported), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
