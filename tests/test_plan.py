@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+# the fit-check needs the TPU compiler; libtpu is in the `test` extra, so a missing one fails here
+import libtpu  # noqa: E402, F401
 import pytest
-
-pytest.importorskip("libtpu", reason="the fit-check needs the TPU compiler: pip install .[tpu]")
 
 from prefjax import plan  # noqa: E402
 from prefjax.config import base_config  # noqa: E402
