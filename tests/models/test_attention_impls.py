@@ -264,12 +264,7 @@ def _wrapper_case(impl_fn, case):
     out, got = _value_and_grads(
         lambda q, k, v: impl_fn(q, k, v, jnp.asarray(key_mask), q_start, window, d ** -0.5),
         w, q, k, v)
-    np.testing.assert_allclose(out, attention_np(q, k, v, allowed, d ** -0.5),
-                               rtol=1e-5, atol=1e-5)
-    _, want = _value_and_grads(
-        lambda q, k, v: attention_plain(q, k, v, jnp.asarray(allowed), d ** -0.5), w, q, k, v)
-    for name, g, r in zip("qkv", got, want):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
+    assert_matches_reference(out, got, w, q, k, v, allowed)
 
 
 @pytest.mark.parametrize("case", ["gqa", "decode_window"])
@@ -310,9 +305,15 @@ def test_splash_runs_per_shard_on_a_mesh():
             w, q, k, v)
     assert out.sharding.spec == jax.sharding.PartitionSpec("data", None, "tensor")
     allowed = allowed_np(key_mask, 0, t, None)
-    np.testing.assert_allclose(out, attention_np(q, k, v, allowed, d ** -0.5),
-                               rtol=1e-5, atol=1e-5)
+    assert_matches_reference(out, got, w, q, k, v, allowed)
+
+
+def assert_matches_reference(out, grads, w, q, k, v, allowed):
+    """`out` equals the float64 NumPy attention and `grads` (of q, k, v) plain autodiff's, to
+    1e-5, for the visibility `allowed` [b, t, s] and scale d^-1/2."""
+    scale = q.shape[-1] ** -0.5
+    np.testing.assert_allclose(out, attention_np(q, k, v, allowed, scale), rtol=1e-5, atol=1e-5)
     _, want = _value_and_grads(
-        lambda q, k, v: attention_plain(q, k, v, jnp.asarray(allowed), d ** -0.5), w, q, k, v)
-    for name, g, r in zip("qkv", got, want):
+        lambda q, k, v: attention_plain(q, k, v, jnp.asarray(allowed), scale), w, q, k, v)
+    for name, g, r in zip("qkv", grads, want):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
