@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
 
-.PHONY: demo test lint bench bench-trl-env clean
+.PHONY: demo test lint bench bench-trl-env trl-parity clean
 
 $(VENV)/.base: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: $(VENV)/.test $(TRL_VENV)/.trl
 
 # HF TRL for the side-by-side DPO benchmark, in its own environment (torch pinned: CPU build)
 bench-trl-env: $(TRL_VENV)/.trl
+
+# prefjax's CLI against HF TRL's DPOTrainer step by step (also part of `make test`)
+trl-parity: $(VENV)/.test $(TRL_VENV)/.trl
+	$(PY) -m pytest -q -p no:xdist tests/test_trl_parity.py
 
 $(TRL_VENV)/.trl:
 	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)

@@ -136,6 +136,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", default=DEFAULT_RUNS, help=f"comma list of {', '.join(RUNS)}")
     p.add_argument("--pj-extra", default="", help="extra --config.x=y flags for prefjax runs")
     p.add_argument("--rss-limit", type=float, default=12.0, help="GB; above it a run is killed")
+    p.add_argument("--reuse-reference", action="store_true",
+                   help="prefjax runs start from the reference log-prob cache of an earlier run "
+                        "(runs/_ref_logps; its reference s is then the cache read)")
     p.add_argument("--run-timeout", type=float, default=1500.0, help="seconds per run")
     p.add_argument("--reuse", action="store_true",
                    help="skip runs that already have a record for this shape")
@@ -527,6 +530,11 @@ def pj_run(a, name: str, fields: set[str], load_s: float | None) -> dict:
     p = paths(a)
     wd = p["runs"] / name
     shutil.rmtree(wd, ignore_errors=True)
+    shared_ref = p["runs"] / "_ref_logps"  # reference log-probs of an earlier prefjax run
+    if a.reuse_reference and shared_ref.is_dir():
+        # the cache prefjax itself would find on resume: keyed by reference identity, token
+        # ids and truncation, so it is valid for every run here (same checkpoint and data)
+        shutil.copytree(shared_ref, wd / "ref_logps")
     compute = "bfloat16" if name == "pj_bf16" else "float32"
     flags = dict(
         **{"model.source": p["model"], "data.source": p["train"], "data.eval_source": p["eval"],
@@ -557,7 +565,8 @@ def pj_run(a, name: str, fields: set[str], load_s: float | None) -> dict:
     rec["load_avg_start"] = list(load0)
     rec["load_avg_end"] = list(os.getloadavg())
     rec.update(framework="prefjax", compute=compute, weights="float32", moments=moments,
-               devices=devices, command=cmd)
+               devices=devices, command=cmd,
+               reference_cached=bool(a.reuse_reference and (p["runs"] / "_ref_logps").is_dir()))
     metrics = []
     if (wd / "metrics.jsonl").exists():
         metrics = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines() if x]

@@ -1,18 +1,30 @@
-"""Generation throughput: prefjax's jitted KV-cache Sampler vs HF `model.generate` (torch, CPU).
+"""Generation throughput: prefjax's jitted rollout engine vs HF `model.generate` (torch, CPU).
 
 One random Llama is made with transformers (`LlamaForCausalLM`, seeded init, `save_pretrained`
 to a temporary folder) and loaded into prefjax with `load_hf`, so both sides run the same
-weights on the same left-padded prompts of mixed lengths, with the same max_new_tokens and
-sampling settings. The model has no EOS id, so every row generates exactly max_new_tokens on
-both sides (checked) and tokens/s compares equal work.
+weights on the same queue of left-padded prompts of ragged lengths, with the same
+max_new_tokens and sampling settings. Scenarios:
 
-  tokens/s  batch * max_new_tokens / wall time of one generate call: median of --runs, after
-            a warm-up call each, the two sides taking turns run by run
+  greedy       no EOS: every row generates max_new_tokens on both sides (checked); `agree` is
+               the fraction of generated tokens where prefjax and HF pick the same id
+  sample       top-k/top-p sampling, no EOS (equal work on both sides)
+  sample_eos   the same with --eos-frac of the vocabulary as EOS ids (several ids: any ends a
+               row), so responses have mixed lengths: HF decodes a batch until its longest row
+               ends; prefjax refills a finished row from the queue (continuous batching)
+  sample_eos_n4  4 samples per prompt: HF `num_return_sequences=4` (prefills each prompt 4
+               times); prefjax `num_samples=4` (one prefill per prompt, copied to 4 rows)
+
+Both sides decode --batch rows at a time: HF runs `generate` on chunks of batch / n prompts,
+prefjax one call over the whole queue with `cache_rows=batch`.
+
+  tokens/s  real generated tokens (each row up to and including its first EOS) / wall time of
+            the whole queue: median of --runs, after a warm-up each, the two sides taking
+            turns run by run
   compile s prefjax's warm-up call (trace + XLA compile + one run)
-  agree     greedy only: fraction of generated tokens where prefjax and HF pick the same id
+  length    mean generated tokens per row (same distribution on both sides: same model)
 
-    .venv/bin/python benchmarks/sampling.py                      # defaults: CPU-sized, ~1 min
-    .venv/bin/python benchmarks/sampling.py --batch 16 --max-new-tokens 128 --layers 8
+    .venv/bin/python benchmarks/sampling.py                      # defaults: batch 32
+    .venv/bin/python benchmarks/sampling.py --prompts 128 --max-new-tokens 128 --layers 8
 """
 
 from __future__ import annotations
@@ -33,10 +45,13 @@ from _report import machine, write  # benchmarks/_report.py (scripts run from th
 from prefjax.models.hf import load_hf
 from prefjax.sampling import Sampler
 
-SETTINGS = {  # name -> (prefjax Sampler kwargs, HF generate kwargs)
-    "greedy": (dict(greedy=True), dict(do_sample=False)),
-    "sample": (dict(temperature=0.8, top_k=50, top_p=0.95),
-               dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.95)),
+SAMPLE = (dict(temperature=0.8, top_k=50, top_p=0.95),
+          dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.95))
+SCENARIOS = {  # name -> (prefjax Sampler kwargs, HF generate kwargs, samples per prompt, EOS)
+    "greedy": (dict(greedy=True), dict(do_sample=False), 1, False),
+    "sample": (*SAMPLE, 1, False),
+    "sample_eos": (*SAMPLE, 1, True),
+    "sample_eos_n4": (*SAMPLE, 4, True),
 }
 
 
@@ -47,14 +62,18 @@ def parse() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--prompt-lens", default="16,48",
-                   help="min,max real prompt length; rows spread evenly between them")
+    p.add_argument("--batch", type=int, default=32, help="rows decoded at once, both sides")
+    p.add_argument("--prompts", type=int, default=64, help="prompts in the queue")
+    p.add_argument("--prompt-lens", default="8,48",
+                   help="min,max real prompt length; lengths drawn uniformly between them")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--eos-frac", type=float, default=1 / 64,
+                   help="fraction of the vocabulary used as EOS ids in the *_eos scenarios")
+    p.add_argument("--prefill-buckets", type=int, default=2)
+    p.add_argument("--runs", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="torch.set_num_threads (XLA's CPU client uses all cores)")
-    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sampling.json"))
     return p.parse_args()
 
@@ -72,12 +91,20 @@ def make_checkpoint(a, folder: Path) -> transformers.LlamaForCausalLM:
 
 
 def make_prompts(a) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded ids, mask [b, p] with real lengths spread over --prompt-lens; pad id 0."""
+    """Left-padded ids, mask [prompts, p] with real lengths uniform over --prompt-lens."""
     lo, hi = (int(x) for x in a.prompt_lens.split(","))
-    lens = np.linspace(lo, hi, a.batch).round().astype(int)
+    r = np.random.default_rng(0)
+    lens = r.integers(lo, hi + 1, a.prompts)
     mask = (np.arange(hi)[None] >= hi - lens[:, None]).astype(np.int32)
-    ids = np.random.default_rng(0).integers(1, a.vocab, mask.shape) * mask
+    ids = r.integers(1, a.vocab, mask.shape) * mask
     return ids.astype(np.int32), mask
+
+
+def real_lengths(tokens: np.ndarray, eos: list[int]) -> np.ndarray:
+    """Generated tokens per row [r]: up to and including the first EOS id, else all."""
+    hit = np.isin(tokens, eos) if eos else np.zeros(tokens.shape, bool)
+    first = np.where(hit.any(1), hit.argmax(1) + 1, tokens.shape[1])
+    return first
 
 
 def timed(fns, runs: int) -> list[tuple[float, list[float], object]]:
@@ -99,34 +126,52 @@ def timed(fns, runs: int) -> list[tuple[float, list[float], object]]:
     return [tuple(r) for r in res]
 
 
-def measure(name: str, a, model, hf, ids: np.ndarray, mask: np.ndarray) -> dict:
-    """One table row: both generators on the same prompts with setting `name`."""
-    ours, theirs = SETTINGS[name]
-    b, n = a.batch, a.max_new_tokens
-    sampler = Sampler(max_new_tokens=n, **ours)
+def measure(name: str, a, model, hf, ids: np.ndarray, mask: np.ndarray, eos: list[int]
+            ) -> dict:
+    """One table row: both generators on the same prompt queue with scenario `name`."""
+    ours, theirs, k, use_eos = SCENARIOS[name]
+    eos = eos if use_eos else []
+    n = a.max_new_tokens
+    sampler = Sampler(max_new_tokens=n, num_samples=k, cache_rows=a.batch, eos_id=eos or None,
+                      prefill_buckets=a.prefill_buckets, **ours)
     keys = iter(jax.random.split(jax.random.key(0), a.runs + 1))
+    per_call = a.batch // k  # prompts per HF generate call
 
     def run_ours():
-        return jax.block_until_ready(sampler(model, ids, mask, next(keys)))
+        s = jax.block_until_ready(sampler(model, ids, mask, next(keys)))
+        return np.asarray(s.tokens), np.asarray(s.lengths)
 
     def run_hf():
+        outs = []
         with torch.inference_mode():
-            return hf.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                               attention_mask=torch.as_tensor(mask, dtype=torch.long),
-                               max_new_tokens=n, pad_token_id=0, **theirs)
+            for i in range(0, len(ids), per_call):
+                out = hf.generate(input_ids=torch.as_tensor(ids[i:i + per_call], dtype=torch.long),
+                                  attention_mask=torch.as_tensor(mask[i:i + per_call],
+                                                                 dtype=torch.long),
+                                  max_new_tokens=n, min_new_tokens=0, pad_token_id=0,
+                                  eos_token_id=eos or None, num_return_sequences=k, **theirs)
+                t = out[:, ids.shape[1]:].numpy()
+                outs.append(np.pad(t, ((0, 0), (0, n - t.shape[1]))))  # all rows ended early
+        return np.concatenate(outs)
 
-    (compile_s, t_ours, out), (_, t_hf, hf_out) = timed((run_ours, run_hf), a.runs)
-    hf_tokens = hf_out[:, ids.shape[1]:].numpy()
-    if hf_tokens.shape != (b, n) or int(np.asarray(out.lengths).min()) != n:
-        raise SystemExit(f"unequal work: HF generated {hf_tokens.shape}, prefjax lengths "
-                         f"{np.asarray(out.lengths).tolist()}; expected {n} tokens per row")
-    row = dict(setting=name, prefjax_tok_s=round(b * n / statistics.median(t_ours), 1),
-               hf_tok_s=round(b * n / statistics.median(t_hf), 1),
-               prefjax_s=[round(t, 4) for t in t_ours], hf_s=[round(t, 4) for t in t_hf],
+    (compile_s, t_ours, (tokens, lengths)), (_, t_hf, hf_tokens) = timed((run_ours, run_hf),
+                                                                         a.runs)
+    hf_lengths = real_lengths(hf_tokens, eos)
+    np.testing.assert_array_equal(lengths, real_lengths(tokens, eos))
+    if not use_eos and (lengths.min() != n or hf_lengths.min() != n):
+        raise SystemExit(f"unequal work in {name}: rows shorter than {n} without EOS")
+    ours_tok, hf_tok = int(lengths.sum()), int(hf_lengths.sum())
+    row = dict(scenario=name, samples_per_prompt=k, rows=len(lengths),
+               prefjax_tok_s=round(ours_tok / statistics.median(t_ours), 1),
+               hf_tok_s=round(hf_tok / statistics.median(t_hf), 1),
+               prefjax_tokens=ours_tok, hf_tokens=hf_tok,
+               prefjax_length=round(float(lengths.mean()), 2),
+               hf_length=round(float(hf_lengths.mean()), 2),
+               prefjax_s=[round(t, 3) for t in t_ours], hf_s=[round(t, 3) for t in t_hf],
                compile_s=round(compile_s, 2))
     row["speedup"] = round(row["prefjax_tok_s"] / row["hf_tok_s"], 2)
     if name == "greedy":
-        row["agree"] = round(float(np.mean(np.asarray(out.tokens) == hf_tokens)), 4)
+        row["agree"] = round(float(np.mean(tokens == hf_tokens)), 4)
     return row
 
 
@@ -134,31 +179,45 @@ def main() -> None:
     a = parse()
     torch.set_num_threads(a.threads)
     ids, mask = make_prompts(a)
-    b, n = a.batch, a.max_new_tokens
-    names = a.settings.split(",")
+    n = a.max_new_tokens
+    names = a.scenarios.split(",")
+    eos = sorted(np.random.default_rng(1).choice(np.arange(1, a.vocab),
+                                                 max(1, round(a.eos_frac * a.vocab)),
+                                                 replace=False).tolist())
     with tempfile.TemporaryDirectory() as tmp:
         hf = make_checkpoint(a, Path(tmp))
         model, _ = load_hf(tmp, tokenizer=False)
-    rows = [measure(name, a, model, hf, ids, mask) for name in names]
+    load0 = os.getloadavg()[0]
+    rows = []
+    for name in names:
+        rows.append(measure(name, a, model, hf, ids, mask, eos))
+        print(f"{name}: {rows[-1]}", flush=True)  # progress: a run under load takes minutes
 
-    print(f"generate: b={b} prompt lens {a.prompt_lens} (left padded to {ids.shape[1]}) "
-          f"new={n} v={a.vocab} d={a.hidden} layers={a.layers} heads={a.heads}/{a.kv_heads} "
-          f"threads={a.threads}; median of {a.runs}")
-    print(f"{'setting':>8} {'prefjax tok/s':>13} {'HF tok/s':>9} {'speedup':>8} "
-          f"{'compile s':>9} {'agree':>6}")
+    print(f"generate: {a.prompts} prompts, lens {a.prompt_lens} (left padded to "
+          f"{ids.shape[1]}), {a.batch} rows at once, new={n} v={a.vocab} d={a.hidden} "
+          f"layers={a.layers} heads={a.heads}/{a.kv_heads} threads={a.threads}; {len(eos)} EOS "
+          f"ids in *_eos; median of {a.runs}; 1-min load {load0:.1f} -> "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"{'scenario':>14} {'prefjax tok/s':>13} {'HF tok/s':>9} {'speedup':>8} "
+          f"{'length':>11} {'compile s':>9} {'agree':>6}")
     for r in rows:
-        print(f"{r['setting']:>8} {r['prefjax_tok_s']:13.1f} {r['hf_tok_s']:9.1f} "
-              f"{r['speedup']:8.2f} {r['compile_s']:9.2f} {r.get('agree', float('nan')):6.3f}")
+        print(f"{r['scenario']:>14} {r['prefjax_tok_s']:13.1f} {r['hf_tok_s']:9.1f} "
+              f"{r['speedup']:8.2f} {r['prefjax_length']:5.1f}/{r['hf_length']:<5.1f} "
+              f"{r['compile_s']:9.2f} {r.get('agree', float('nan')):6.3f}")
 
     result = dict(
-        benchmark="sampling", metric="generated tokens per second (batch * max_new_tokens / s)",
-        settings={k: dict(prefjax=SETTINGS[k][0], hf=SETTINGS[k][1]) for k in names},
-        sizes=dict(batch=b, prompt_lens=a.prompt_lens, prompt_pad_len=int(ids.shape[1]),
-                   max_new_tokens=n, vocab=a.vocab, hidden=a.hidden, layers=a.layers,
-                   heads=a.heads, kv_heads=a.kv_heads, runs=a.runs),
+        benchmark="sampling",
+        metric="real generated tokens per second (up to each row's first EOS) over the queue",
+        scenarios={k: dict(prefjax=SCENARIOS[k][0], hf=SCENARIOS[k][1],
+                           samples_per_prompt=SCENARIOS[k][2], eos=SCENARIOS[k][3])
+                   for k in names},
+        sizes=dict(batch=a.batch, prompts=a.prompts, prompt_lens=a.prompt_lens,
+                   prompt_pad_len=int(ids.shape[1]), max_new_tokens=n, vocab=a.vocab,
+                   hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
+                   runs=a.runs, eos_ids=len(eos), prefill_buckets=a.prefill_buckets),
         rows=rows,
-        machine=machine(torch_threads=torch.get_num_threads(),
-                        load_avg_1m=round(os.getloadavg()[0], 2), torch=torch.__version__,
+        machine=machine(torch_threads=torch.get_num_threads(), load_avg_1m_start=round(load0, 2),
+                        load_avg_1m_end=round(os.getloadavg()[0], 2), torch=torch.__version__,
                         transformers=transformers.__version__))
     write(result, a.out)
 

@@ -21,6 +21,10 @@ def get_config(arg=None):
     c.model.source = "/path/to/hf_model"  # a local folder: config.json, safetensors, tokenizer
     c.model.logps_chunk = 8192  # never materialize float32 [b, t, vocab] logits
     c.model.remat = True
+    # layers under one scan (unrolled layers defeat remat on CPU: 12 GB of temporaries for
+    # a 0.5B step, 3 GB scanned) and O(t) attention; see benchmarks/README.md
+    c.model.scan_layers = True
+    c.model.attention = "blockwise"
     c.data.source = "/path/to/hh/train.jsonl"
     c.data.format = "hh"
     c.data.max_length = 512

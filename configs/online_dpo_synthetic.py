@@ -5,6 +5,9 @@
         --workdir=workdirs/online_dpo_synthetic
 
 Variants: `:beta=0.3`, `:rm=workdirs/rm_synthetic` (label with a trained reward model), `:smoke`.
+The policy and reference log-probs are taken at the sampling temperature (`online.temperature`,
+default 1); TRL's online DPO scores at 1 whatever it samples at (`online.logps_at_temperature
+=False`). Every epoch sees the pairs in a fresh order.
 """
 
 from prefjax.config import apply_smoke, base_config, parse_arg, set_algo

@@ -3,7 +3,9 @@
     python -m prefjax.main --config=configs/sft_synthetic.py --workdir=workdirs/sft_synthetic
     python -m prefjax.main --config=configs/p3o_synthetic.py --workdir=workdirs/p3o_synthetic
 
-Two samples per prompt, sequence-level KL-shaped rewards (`loss.kl_coef`), no value head.
+Two samples per prompt, sequence-level KL-shaped rewards (`online.kl_coef`, the KL coefficient
+of every online algorithm; `loss.kl_coef` is an alias of it), no value head. Log-probs of
+policy, old policy and reference at the sampling temperature (`online.temperature`, default 1).
 Variants: `:variant=v1|v2|official`, `:kl=0.1`, `:rm=workdirs/rm_synthetic`, `:smoke`.
 """
 
@@ -14,7 +16,8 @@ def get_config(arg=None):
     a = parse_arg(arg, smoke=False, variant="v2", kl=0.05, rm="",
                   init_from="workdirs/sft_synthetic")
     c = base_config()
-    set_algo(c, "p3o", variant=a.variant, kl_coef=a.kl)
+    set_algo(c, "p3o", variant=a.variant)
+    c.online.kl_coef = a.kl  # loss.kl_coef follows it (set_algo links the two)
     c.model.init_from = a.init_from
     c.online.reward = a.rm or "oracle"
     c.train.batch_size = 32  # prompts per rollout (64 samples)

@@ -8,11 +8,13 @@ other defaults unchanged), trained by `prefjax.main.run` in `<out>/runs/<group>/
 run is reused (a workdir holding another config fails loudly), up to `--workers` runs at a time.
 
 Frontier (Bradley-Terry labels): DPO beta, IPO tau, MPO alpha (its off-policy KL weight, pair KL
-beta 0.1), P3O V1 and V2 `loss.kl_coef`, PPO `online.kl_coef` and online DPO beta, three strengths
-each; offline runs 60 steps, online runs 20 rollouts. Every 10 (offline) / 3 (online) steps the
-trainers log the ground-truth reward r* and KL(pi || ref) (k1 estimate) of temperature-1 samples on
-128 held-out prompts (`eval.sample=True` offline). Deterministic preferences (`labeling=argmax`):
-DPO at beta 0.1 and 0.5, MPO at alpha 0 and 1 (beta 0.1), 60 steps, the same evaluation.
+beta 0.1), P3O V1 and V2 `loss.kl_coef`, PPO `online.kl_coef`, online DPO beta, GRPO and Dr. GRPO
+`loss.beta` (k3 KL in the loss; 0 = none, TRL's default) and RLOO `online.kl_coef` (in the reward),
+three strengths each; offline runs 60 steps, online runs 20 rollouts. Every 10 (offline) / 3
+(online) steps the trainers log the ground-truth reward r* and KL(pi || ref) (k1 estimate) of
+temperature-1 samples on 128 held-out prompts (`eval.sample=True` offline). Deterministic
+preferences (`labeling=argmax`): DPO at beta 0.1 and 0.5, MPO at alpha 0 and 1 (beta 0.1), 60
+steps, the same evaluation.
 
 Two measurement details. The trainers evaluate from step `eval_every` on; the step-0 point is the
 SFT policy evaluated here with the trainer's own prompts, batches and sampling key (KL 0; checked
@@ -47,7 +49,7 @@ of about 0.02 are within noise):
     +0.084 / +0.079 (beta 0.1 / 0.5) in seed 0 and +0.007 / +0.036 in seed 1.
 
 Usage: python experiments/frontier.py --out DIR [--small | --full] [--workers N] [--seed S]
-       [--only frontier|deterministic]
+       [--only frontier|deterministic] [--algos grpo,dr_grpo,rloo,...]
 """
 
 from __future__ import annotations
@@ -88,6 +90,10 @@ ALGOS = {
     "p3o_v2": Algo("p3o_synthetic", "kl_coef", "kl", "variant=v2", online=True),
     "ppo": Algo("ppo_synthetic", "kl_coef", "kl", online=True),
     "online_dpo": Algo("online_dpo_synthetic", "beta", "beta", online=True),
+    # group methods, k = 4 samples per prompt (16 prompts: 64 samples a rollout, as PPO)
+    "grpo": Algo("grpo_synthetic", "beta", "beta", "variant=grpo", online=True),
+    "dr_grpo": Algo("grpo_synthetic", "beta", "beta", "variant=dr_grpo", online=True),
+    "rloo": Algo("rloo_synthetic", "kl_coef", "kl", online=True),
 }
 # deterministic preferences: (algo, strength); MPO's pair-KL beta is 0.1 in both its runs
 DETERMINISTIC = (("dpo", 0.1), ("dpo", 0.5), ("mpo", 0.0), ("mpo", 1.0))
@@ -105,7 +111,8 @@ class Setting:
     strengths: tuple = (
         ("dpo", (0.03, 0.1, 0.3)), ("ipo", (0.3, 1.0, 3.0)), ("mpo", (0.1, 0.5, 2.0)),
         ("p3o_v1", (0.01, 0.05, 0.2)), ("p3o_v2", (0.01, 0.05, 0.2)),
-        ("ppo", (0.01, 0.05, 0.2)), ("online_dpo", (0.03, 0.1, 0.3)))
+        ("ppo", (0.01, 0.05, 0.2)), ("online_dpo", (0.03, 0.1, 0.3)),
+        ("grpo", (0.0, 0.04, 0.2)), ("dr_grpo", (0.0, 0.04, 0.2)), ("rloo", (0.01, 0.05, 0.2)))
     det_steps: int = 60
     deterministic: tuple = DETERMINISTIC
     seed: int = 0  # every run's config seed (model init of the SFT run, data, sampling)
@@ -115,7 +122,8 @@ class Setting:
 SETTINGS = {
     "default": Setting(num_train=2048),
     "small": Setting(sft_steps=150, offline_steps=30, online_steps=8, evals=3, eval_prompts=64,
-                     strengths=(("dpo", (0.1,)), ("ppo", (0.05,))), det_steps=30,
+                     strengths=(("dpo", (0.1,)), ("ppo", (0.05,)), ("grpo", (0.04,)),
+                                ("dr_grpo", (0.04,)), ("rloo", (0.05,))), det_steps=30,
                      num_train=1024),
     "full": Setting(sft_steps=400, offline_steps=200, online_steps=60, evals=10,
                     eval_prompts=256, det_steps=200, strengths=(
@@ -124,7 +132,10 @@ SETTINGS = {
                         ("p3o_v1", (0.003, 0.01, 0.05, 0.2, 0.5)),
                         ("p3o_v2", (0.003, 0.01, 0.05, 0.2, 0.5)),
                         ("ppo", (0.003, 0.01, 0.05, 0.2, 0.5)),
-                        ("online_dpo", (0.01, 0.03, 0.1, 0.3, 1.0)))),
+                        ("online_dpo", (0.01, 0.03, 0.1, 0.3, 1.0)),
+                        ("grpo", (0.0, 0.01, 0.04, 0.2, 0.5)),
+                        ("dr_grpo", (0.0, 0.01, 0.04, 0.2, 0.5)),
+                        ("rloo", (0.003, 0.01, 0.05, 0.2, 0.5)))),
 }
 
 
@@ -320,7 +331,8 @@ def runs_of(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 
 COLORS = {"dpo": "tab:blue", "ipo": "tab:orange", "mpo": "tab:green", "p3o_v1": "tab:red",
-          "p3o_v2": "tab:purple", "ppo": "tab:brown", "online_dpo": "tab:pink"}
+          "p3o_v2": "tab:purple", "ppo": "tab:brown", "online_dpo": "tab:pink",
+          "grpo": "tab:olive", "dr_grpo": "tab:cyan", "rloo": "tab:gray"}
 MARKERS = "osD^v<>"
 
 
@@ -449,6 +461,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=("frontier", "deterministic"), default=None,
                     help="run one of the two experiments")
     ap.add_argument("--seed", type=int, default=0, help="seed of every run (SFT included)")
+    ap.add_argument("--algos", default="", help="comma-separated frontier algorithms to run "
+                    f"(default: all of the setting's; names: {', '.join(ALGOS)})")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     import datasets
@@ -456,6 +470,13 @@ def main(argv=None) -> int:
     datasets.disable_progress_bars()
     setting = SETTINGS["small" if args.small else "full" if args.full else "default"]
     setting = dataclasses.replace(setting, seed=args.seed)
+    if args.algos:
+        keep = args.algos.split(",")
+        unknown = sorted(set(keep) - set(ALGOS))
+        if unknown:
+            ap.error(f"--algos: unknown {unknown}; valid: {', '.join(ALGOS)}")
+        setting = dataclasses.replace(
+            setting, strengths=tuple(x for x in setting.strengths if x[0] in keep))
     res = run(setting, args.out, workers=args.workers, frontier=args.only != "deterministic",
               deterministic=args.only != "frontier")
     for key in ("frontier", "deterministic"):

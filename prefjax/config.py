@@ -65,6 +65,11 @@ def base_config() -> ConfigDict:
     c.data.max_prompt_length = 24  # longer prompts keep their end
     c.data.max_response_length = 40  # longer responses are cut
     c.data.over_long = "truncate"  # truncate | drop | error, for rows longer than max_length
+    # pack several sequences per row (segment ids, per-sequence positions; attention never
+    # crosses sequences): exact, so on by default; applies to offline pairs / sequences on one
+    # process without an extra row group (prefjax.data.packing), ignored elsewhere
+    c.data.packing = True
+    c.data.pack_row_multiple = 1  # packed rows per micro-batch rounded up to this (fewer shapes)
     c.data.num_train = 4096  # synthetic task: training examples generated
     c.data.num_eval = 256  # synthetic task: held-out prompts / pairs
     c.data.labeling = "bt"  # synthetic: bt (Bradley-Terry on r*) | argmax (deterministic)
@@ -75,16 +80,43 @@ def base_config() -> ConfigDict:
     c.mpo.samples_per_batch = 16  # reference-sample rows added to every batch
 
     c.online = ConfigDict()  # online algorithms (ppo, p3o, online_dpo): rollouts each step
-    c.online.reward = "oracle"  # oracle (synthetic task's r*) | a reward-model run dir / export
+    # oracle (synthetic task's r*) | a reward-model run dir / export | a function
+    # `module:function` of (prompt_ids, tokens) -> scores, e.g. prefjax.data.verifiable:exact_match
+    c.online.reward = "oracle"
     c.online.max_new_tokens = 8  # response slots per sample
-    c.online.temperature = 1.0  # sampling temperature (log-probs are the policy's, T = 1)
+    c.online.temperature = 1.0  # sampling temperature T (TRL's PPO default is 0.7)
+    # score policy, old-policy and reference log-probs at T, i.e. from logits / T, the
+    # distribution the samples came from (TRL's PPO/GRPO/RLOO); False = at T = 1 (TRL's online
+    # DPO; prefjax before this field). Only matters when temperature != 1.
+    c.online.logps_at_temperature = True
     c.online.epochs = 4  # optimizer passes over each rollout batch
-    c.online.minibatches = 1  # updates per pass (each a slice of the rollout)
-    c.online.kl_coef = 0.05  # PPO: per-token KL penalty in the shaped reward (P3O: loss.kl_coef)
+    # updates per pass; each pass draws a fresh permutation of the rollout's rows (pairs stay
+    # together) and cuts it into this many minibatches, as TRL does
+    c.online.minibatches = 1
+    # THE KL coefficient of every online algorithm: PPO's per-token penalty in the shaped reward,
+    # P3O's KL term (its `loss.kl_coef` is an alias of this field, kept for old commands)
+    c.online.kl_coef = 0.05
+    c.online.kl_estimator = "k1"  # k1 | k2 | k3: PPO's per-token KL penalty and objective/kl
+    # adaptive KL controller (Ziegler et al. 2019; PPO only): 0 = fixed kl_coef (TRL's PPO
+    # today); > 0 = the target per-sequence KL; kl_coef is then the initial value (old TRL:
+    # adap_kl_ctrl with target 6, horizon 10000, init 0.2)
+    c.online.kl_target = 0.0
+    c.online.kl_horizon = 10000.0  # controller horizon, in sampled sequences
+    # PPO's value model: shared (a random scalar head on the policy's trunk; prefjax's default)
+    # | reward (a separate trunk + head initialised from the online.reward reward model, as
+    # InstructGPT and TRL do; twice the trained parameters)
+    c.online.value_model = "shared"
     c.online.gamma = 1.0  # PPO GAE discount
     c.online.lam = 0.95  # PPO GAE lambda
     c.online.whiten_rewards = False  # PPO: rescale shaped rewards to unit variance
     c.online.missing_eos_penalty = 0.0  # subtracted from the score of a response without EOS
+    # group algorithms (record samples_per_prompt None: grpo, rloo, reinforce_pp): k samples per
+    # prompt, rows sample-major (row i*B + j is sample i of prompt j)
+    c.online.num_generations = 4
+    c.online.scale_rewards = "group"  # GRPO advantages / std over: group | batch | none (Dr. GRPO)
+    c.online.dynamic_sampling = False  # DAPO: groups whose rewards are all equal train nothing
+    c.online.kl_level = "sequence"  # RLOO / REINFORCE++: KL in the reward per sequence | token
+    c.online.normalize_advantages = False  # RLOO: whiten the advantages over the batch
 
     c.eval = ConfigDict()  # sampled evaluation (reward and KL(pi || ref)) on held-out prompts
     c.eval.sample = False  # offline trainers: also sample (synthetic task's r*); online: always
@@ -92,15 +124,19 @@ def base_config() -> ConfigDict:
 
     c.train = ConfigDict()
     c.train.batch_size = 32  # pairs (sequences for SFT) per optimizer step, global over hosts
-    c.train.grad_accum = 1  # micro-batches per step (lax.scan)
+    c.train.grad_accum = 1  # micro-batches per step (lax.scan); exact: the whole batch's loss
     c.train.num_steps = 200
     c.train.lr = 5e-4
     c.train.warmup_steps = 10  # linear warmup from 0
     c.train.schedule = "constant"  # constant | cosine (after warmup)
     c.train.optimizer = "adamw"  # adamw | rmsprop | sgd
-    c.train.weight_decay = 0.0
-    c.train.b1 = 0.9
-    c.train.b2 = 0.999
+    c.train.weight_decay = 0.0  # AdamW only (decoupled; TRL/HF default 0 too)
+    # which parameters AdamW decays: hf (HF Trainer: not biases or LayerNorm/RMSNorm weights;
+    # embeddings are decayed) | all (every parameter, optax.adamw's own default)
+    c.train.weight_decay_mask = "hf"
+    c.train.b1 = 0.9  # AdamW only
+    c.train.b2 = 0.999  # AdamW only
+    c.train.momentum = 0.0  # sgd only: heavy-ball momentum (0 = plain SGD, as torch and optax)
     c.train.moment_dtype = "float32"  # AdamW moments: float32 | bfloat16 (half the memory)
     c.train.max_grad_norm = 1.0  # 0 = no clipping
     c.train.log_every = 10
@@ -109,6 +145,18 @@ def base_config() -> ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.best_metric = ""  # e.g. "eval/loss": also keep the best checkpoint by it
     c.train.export_hf = True  # write the final policy as an HF folder (save_hf) in workdir/export
+    # peak FLOP/s of the whole mesh for the logged perf/mfu: 0 = the TPU chip table (plan.CHIPS)
+    # times the devices, else one measured matmul; < 0 = no MFU
+    c.train.peak_flops = 0.0
+
+    c.lora = ConfigDict()  # LoRA adapters (prefjax.models.lora); the base stays frozen
+    c.lora.rank = 0  # 0 = off (full fine-tuning); r > 0: adapters A [in, r], B [r, out]
+    c.lora.alpha = 16.0  # the adapters' delta is scaled by alpha / r
+    c.lora.rslora = False  # scale by alpha / sqrt(r) instead (rank-stabilized LoRA)
+    # projections with adapters, comma-separated: llama q,k,v,o,gate,up,down; gpt2
+    # q,k,v,o,fc,proj; or all
+    c.lora.targets = "all"
+    c.lora.export_adapter = True  # also write workdir/export_adapter, a PEFT adapter folder
 
     c.mesh = ConfigDict()
     c.mesh.data = -1  # -1 = all devices not used by the other axes
@@ -134,6 +182,11 @@ def set_algo(c: ConfigDict, algo: str, **loss) -> ConfigDict:
     c.loss = ConfigDict({k: FieldReference(None, field_type=types[k]) if v is None else
                          ",".join(v) if isinstance(v, list | tuple) and k == "loss_type" else v
                          for k, v in hp.items()})
+    if "kl_coef" in hp and "online" in c:
+        # one KL coefficient for every online algorithm: loss.kl_coef (P3O) becomes a reference
+        # to online.kl_coef, so setting either name sets both and neither is silently ignored
+        c.online.kl_coef = float(hp["kl_coef"]) if "kl_coef" in loss else c.online.kl_coef
+        c.loss.kl_coef = c.online.get_ref("kl_coef")
     return c
 
 

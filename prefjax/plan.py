@@ -5,7 +5,8 @@ Will a config's train step fit a TPU slice? On any machine with `pip install "pr
 config.json alone, no weights; an abstract batch of the configured shapes) for the abstract
 devices of a TPU topology, and reports the TPU compiler's per-device memory, whether it fits the
 chip's HBM, the parameter count and the model FLOPs per step. docs/fit_check.md explains the
-numbers. `plan(config, topology)` is the same as a function.
+numbers. `plan(config, topology)` is the same as a function. `--topology=cpu:N` compiles for
+this host's first N CPU devices instead (host RAM as the budget): what the step needs here.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def topology_devices(name: str) -> tuple[list, Chip, int]:
     Works without a TPU: the devices can only be compiled for. Fails naming the topology when
     the generation is unknown, libtpu is missing, or libtpu rejects the shape.
     """
+    if name.strip().startswith("cpu:"):
+        return _cpu_devices(name.strip())
     m = _TOPOLOGY.match(name.strip())
     if m is None or m.group(1) not in CHIPS:
         raise ValueError(
@@ -87,6 +90,23 @@ def topology_devices(name: str) -> tuple[list, Chip, int]:
     devices = list(desc.devices)
     chips = len({tuple(d.coords) for d in devices})
     return devices, chip, chips
+
+
+def _cpu_devices(name: str) -> tuple[list, Chip, int]:
+    """`cpu:N`: this host's first N CPU devices, with the host's RAM as the "HBM" (what the same
+    step needs when it runs here; N > 1 needs XLA_FLAGS=--xla_force_host_platform_device_count).
+    """
+    try:
+        n = int(name.split(":", 1)[1])
+    except ValueError as e:
+        raise ValueError(f"topology {name!r}: expected cpu:N with N an int") from e
+    devices = jax.devices("cpu")
+    if not 1 <= n <= len(devices):
+        raise ValueError(f"topology {name!r}: this process has {len(devices)} CPU devices; "
+                         "simulate more with XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                         "set before jax is imported")
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    return devices[:n], Chip("cpu", ram, 0.0), 1
 
 
 def _reference_mode(c: ConfigDict, rec, hp: dict) -> str:
@@ -211,7 +231,9 @@ def plan(config: ConfigDict, topology: str) -> dict:
         paired=rec.paired, process_blocks=1, **({"tail_key": tail} if tail else {}))
 
     t0 = time.perf_counter()
-    with _compiling_for_tpu():  # TPU-only kernels (splash attention) trace on this CPU host
+    on_tpu = chip.device_kind != "cpu"
+    with _compiling_for_tpu() if on_tpu else contextlib.nullcontext():  # TPU-only kernels
+        # (splash attention) trace on this CPU host
         lowered = _lower(step, abstract, batch)
     t1 = time.perf_counter()
     error = None
@@ -252,7 +274,8 @@ def plan(config: ConfigDict, topology: str) -> dict:
         "params": {"trainable": policy_params, "frozen": frozen_params},
         "flops": {"model_per_step": total_flops, "policy_train": train_flops,
                   "reference_forward": ref_flops,
-                  "seconds_at_peak": total_flops / (chip.peak_tflops * 1e12 * chips)},
+                  "seconds_at_peak": (total_flops / (chip.peak_tflops * 1e12 * chips)
+                                      if chip.peak_tflops else None)},
         "hbm": {"per_device": hbm, "usable": hbm * USABLE_FRACTION},
         "compile_seconds": seconds,
     }
@@ -311,9 +334,10 @@ def format_table(r: dict) -> str:
         ("model FLOPs/step", f"{f['model_per_step']:.3e} (policy training "
                              f"{f['policy_train']:.3e}, reference forward "
                              f"{f['reference_forward']:.3e})"),
-        ("step at peak", f"{f['seconds_at_peak']:.3f} s at 100% of "
-                         f"{CHIPS_BY_KIND.get(r['chip'], 0)} TFLOP/s per chip"),
     ]
+    if f["seconds_at_peak"] is not None:
+        rows.append(("step at peak", f"{f['seconds_at_peak']:.3f} s at 100% of "
+                                     f"{CHIPS_BY_KIND.get(r['chip'], 0)} TFLOP/s per chip"))
     if "xla_per_device" in f:
         note = ("loop bodies counted once: scanned layers and grad_accum undercount"
                 if c.get("scan_layers") or s["grad_accum"] > 1 else "incl. remat recompute")
@@ -348,7 +372,8 @@ def cli() -> None:
         "config", None, "experiment config file (configs/*.py), optionally with :arg",
         lock_config=True)
     topology = flags.DEFINE_string(
-        "topology", None, "TPU topology, e.g. v5e:2x2, v5e:4x8, v5p:4x4x4, v6e:4x4, v4:2x2x2")
+        "topology", None, "TPU topology, e.g. v5e:2x2, v5e:4x8, v5p:4x4x4, v6e:4x4, v4:2x2x2; "
+        "or cpu:N (this host's first N CPU devices)")
     out = flags.DEFINE_string("json", None, "also write the result as JSON to this path")
     flags.mark_flags_as_required(["config", "topology"])
 

@@ -44,7 +44,16 @@ class PolicyOut(NamedTuple):
 
 
 class LossFn(Protocol):
-    """`loss(out, batch) -> (scalar loss, metrics)`; hyperparameters bound by `losses.get`."""
+    """`loss(out, batch) -> (scalar loss, metrics)`; hyperparameters bound by `losses.get`.
+
+    A loss and its metrics are written over the whole batch it receives (token means over all
+    its scored tokens, pair means over all its pairs, batch statistics over all its rows). With
+    gradient accumulation the train step still calls it once, on the full batch's PolicyOut
+    reassembled from the micro-batch forwards, and back-propagates through each micro-batch
+    (`prefjax.train.step._loss_and_grads`), so it needs no accumulation-specific code. For that,
+    every PolicyOut field is row-leading ([b] or [b, ...]) and gradients reach the parameters
+    only through `out`.
+    """
 
     def __call__(self, out: PolicyOut, batch: Batch) -> tuple[Array, Metrics]: ...
 

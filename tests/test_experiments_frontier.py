@@ -20,8 +20,8 @@ def test_envelope_keeps_undominated_points():
 
 def test_jobs_of_default_setting(tmp_path):
     sft, fr, det = frontier.jobs_of(frontier.SETTINGS["default"], tmp_path)
-    assert len(fr) == 21 and len(det) == 4
-    assert len({j.workdir for j in [sft, *fr, *det]}) == 26
+    assert len(fr) == 30 and len(det) == 4
+    assert len({j.workdir for j in [sft, *fr, *det]}) == 35
     for j in fr + det:
         over = dict(j.overrides)
         assert f"init_from={sft.workdir}" in j.arg

@@ -93,3 +93,19 @@ def test_compiler_oom_message_figures():
     msg = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Used 20.5G of 15.75G hbm."
     assert plan.oom_figures(msg) == {"total": 20.5 * g, "compiler_limit": 15.75 * g}
     assert plan.oom_figures("INTERNAL: something else") == {}
+
+
+def test_cpu_topology_compiles_for_this_hosts_devices():
+    """`cpu:N`: the same plan on this host's CPU devices (what benchmarks/step_memory.py uses);
+    the state is float32 params + two AdamW moments + the live reference, donated in place."""
+    sys.path.insert(0, str(ROOT))
+    from configs.dpo_fit_check import get_config
+
+    r = plan.plan(get_config("smoke"), "cpu:1")
+    assert (r["devices"], r["chip"]) == (1, "cpu") and r["flops"]["seconds_at_peak"] is None
+    n = r["params"]["trainable"]
+    mem = r["memory"]
+    assert mem["arguments"] >= 4 * n * 4 and mem["alias"] >= 3 * n * 4
+    assert r["fits"] and "step at peak" not in plan.format_table(r)
+    with pytest.raises(ValueError, match="this process has [0-9]+ CPU devices"):
+        plan.topology_devices("cpu:64")

@@ -23,9 +23,13 @@ from prefjax.losses.dpo import (
     orpo,
     simpo,
 )
+from prefjax.losses.grpo import check_grpo, group_advantages, grpo
+from prefjax.losses.kto import check_kto, kto, kto_loss_from_logps
 from prefjax.losses.mpo import check_mpo, mpo, mpo_terms, pair_kl
 from prefjax.losses.p3o import check_p3o, p3o, p3o_loss_from_logps
+from prefjax.losses.ppo import ESTIMATORS as KL_ESTIMATORS
 from prefjax.losses.ppo import (
+    adaptive_kl_coef,
     check_ppo,
     gae,
     kl_penalty,
@@ -35,6 +39,13 @@ from prefjax.losses.ppo import (
     whiten,
 )
 from prefjax.losses.reward import bt_loss, check_reward_bt, reward_bt
+from prefjax.losses.rloo import (
+    check_rloo,
+    kl_shaped_returns,
+    reinforce_pp_advantages,
+    rloo,
+    rloo_advantages,
+)
 from prefjax.losses.sft import check_sft, sft, sft_nll
 from prefjax.typing import LossFn
 
@@ -51,6 +62,9 @@ _REGISTRY: dict[str, tuple[Callable, Callable[[dict], None]]] = {
     "mpo": (mpo, check_mpo),
     "ppo": (ppo, check_ppo),
     "p3o": (p3o, check_p3o),
+    "grpo": (grpo, check_grpo),
+    "rloo": (rloo, check_rloo),
+    "kto": (kto, check_kto),
 }
 
 
@@ -116,4 +130,6 @@ __all__ = [
     "hyperparameter_types", "ipo", "kl_penalty", "kl_shaped_rewards", "mpo", "mpo_terms",
     "names", "orpo", "p3o", "p3o_loss_from_logps", "pair_kl", "ppo", "reward_bt",
     "rollout_metrics", "sft", "sft_nll", "simpo", "whiten",
+    "group_advantages", "grpo", "kl_shaped_returns", "kto", "kto_loss_from_logps",
+    "reinforce_pp_advantages", "rloo", "rloo_advantages", "KL_ESTIMATORS", "adaptive_kl_coef",
 ]

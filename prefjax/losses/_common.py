@@ -1,4 +1,9 @@
-"""Small array helpers shared by the losses: stable log-sigmoid, pair splitting, masked means."""
+"""Small array helpers shared by the losses: stable log-sigmoid, pair splitting, masked means.
+
+Every reduction here is over the whole batch a loss is given (e.g. `chosen_nll` divides by all
+chosen tokens of the batch). That is also the batch of an accumulated step: the train step calls
+the loss once on the full batch's outputs (`prefjax.typing.LossFn`), never on a micro-batch.
+"""
 
 from __future__ import annotations
 

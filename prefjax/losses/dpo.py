@@ -32,7 +32,8 @@ def dpo_loss_from_logps(pi_c: Array, pi_r: Array, ref_c: Array, ref_r: Array, le
                         discopop_tau: float = 0.05) -> Array:
     """Scalar batch loss of one `loss_type` from policy / reference log-probs and lengths, [n] each.
 
-    Every type is a mean over pairs except `sft` (token-mean NLL of the chosen responses).
+    Every type is a mean over pairs except `sft` (token-mean NLL of the chosen responses); `aot`
+    and `aot_unpaired` sort over all pairs given (the whole batch, also under grad_accum).
     `ipo_average` makes ipo use h_bar (TRL, default) instead of h (IPO paper, Eq. 17).
     """
     eps = label_smoothing

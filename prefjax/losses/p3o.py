@@ -52,7 +52,8 @@ def p3o_loss_from_logps(pi: Array, old: Array, ref: Array, rewards: Array, lengt
     official: log-space joint clip of d = l1 - l2 around d_old, times the detached pair weight
       w = clip(rho1 rho2, 1/R, R); with avg_tokenwise the pair sum is divided by the number of
       response tokens in the batch instead of the number of pairs.
-    scale_q divides q by its (population) std over the batch.
+    scale_q divides q by its (population) std over the batch (the whole batch, also under
+      grad_accum: the train step calls the loss once on the full batch's outputs).
     tokens = (token_logps, old_token_logps, loss_mask), each [2n, t], switches official to the
       clip_tokenwise form: every response token's log-prob is clipped around its old value,
       sum_t max(-s log pi_t, -s clip(log pi_t, old_t +- eps)) with s = q w for y1 and -q w for y2,
@@ -120,7 +121,9 @@ def p3o(out: PolicyOut, batch: Batch, *, variant: str = "official", kl_coef: flo
         scale_q: bool = False, clip_tokenwise: bool = False) -> tuple[Array, Metrics]:
     """P3O loss; batch keys old_logps, ref_logps, rewards, all [b] (rows [:n] y1, [n:] y2), and
     with clip_tokenwise (official variant only) also old_token_logps and loss_mask [b, t].
-    Defaults are the official HH config (kl_coef 0.05, cliprange 0.2, cliprange_ratio 10)."""
+    Defaults are the official HH config (kl_coef 0.05, cliprange 0.2, cliprange_ratio 10).
+    From a config, kl_coef is `online.kl_coef`, the one KL coefficient of every online
+    algorithm (`loss.kl_coef` is an alias of it: `prefjax.config.set_algo` links the two)."""
     b = out.logps.shape[0]
     num_pairs(b, "p3o")
     for key in ("old_logps", "ref_logps", "rewards"):

@@ -13,17 +13,37 @@ from prefjax.losses import _validate as v
 from prefjax.losses._common import masked_mean, masked_var
 from prefjax.typing import Array, Batch, Metrics, PolicyOut
 
-ESTIMATORS = ("k1", "k3")
+ESTIMATORS = ("k1", "k2", "k3")
 
 
 def kl_penalty(logps: Array, ref_logps: Array, *, estimator: str = "k1") -> Array:
-    """Per-token KL estimate [b, t]: k1 = log pi - log ref, k3 = (e^{-k1} - 1) + k1 (>= 0)."""
+    """Per-token KL(pi || ref) estimate [b, t] from samples of pi (Schulman 2020, "Approximating
+    KL divergence"): k1 = log pi - log ref (unbiased, TRL's default), k2 = k1^2 / 2 (biased,
+    low variance, >= 0), k3 = (e^{-k1} - 1) + k1 (unbiased, >= 0; TRL's "k3")."""
     k1 = logps - ref_logps
     if estimator == "k1":
         return k1
+    if estimator == "k2":
+        return 0.5 * jnp.square(k1)
     if estimator == "k3":
         return jnp.expm1(-k1) + k1
     raise ValueError(f"kl estimator must be one of {ESTIMATORS}, got {estimator!r}")
+
+
+def adaptive_kl_coef(kl_coef, kl, n_samples, *, target: float, horizon: float,
+                     clip: float = 0.2):
+    """One update of the adaptive KL controller (Ziegler et al. 2019, eq. 2; TRL's former
+    `AdaptiveKLController`): e = clip(kl / target - 1, -clip, clip),
+    kl_coef' = kl_coef * (1 + e * n_samples / horizon).
+
+    kl: the rollout's mean per-sequence KL estimate; n_samples: the rollout's sequences;
+    horizon: in sequences (Ziegler's K_beta = n_samples / horizon). Works on floats or arrays.
+    """
+    if not target > 0 or not horizon > 0:
+        raise ValueError(f"adaptive KL needs target > 0 and horizon > 0, got target={target!r}, "
+                         f"horizon={horizon!r}")
+    e = jnp.clip(kl / target - 1.0, -clip, clip)
+    return kl_coef * (1.0 + e * n_samples / horizon)
 
 
 def last_token_onehot(mask: Array) -> Array:
@@ -79,9 +99,10 @@ def whiten(x: Array, mask: Array, *, shift_mean: bool = True, unbiased: bool = T
 
 
 def rollout_metrics(scores: Array, logps: Array, ref_logps: Array, mask: Array, *,
-                    kl_coef: float) -> Metrics:
-    """TRL's per-rollout `objective/*` metrics from scores [b] and sampling/ref logps [b, t]."""
-    kl = jnp.where(mask > 0, logps - ref_logps, 0).sum(-1)
+                    kl_coef: float, estimator: str = "k1") -> Metrics:
+    """TRL's per-rollout `objective/*` metrics from scores [b] and sampling/ref logps [b, t];
+    `objective/kl` is the mean over rows of the summed per-token `estimator` (as TRL)."""
+    kl = jnp.where(mask > 0, kl_penalty(logps, ref_logps, estimator=estimator), 0).sum(-1)
     non_score = -kl_coef * kl
     return {"objective/kl": jnp.mean(kl), "objective/non_score_reward": jnp.mean(non_score),
             "objective/rlhf_reward": jnp.mean(non_score + scores),
@@ -94,7 +115,10 @@ def ppo(out: PolicyOut, batch: Batch, *, clip_eps: float = 0.2, clip_eps_value: 
 
     Reads out.token_logps, out.values [b, t] and batch old_token_logps, advantages (already
     whitened), returns, old_values, loss_mask [b, t]. No entropy bonus: PolicyOut carries no
-    entropy (TRL has none either).
+    entropy (TRL has none either). Defaults are TRL's PPOConfig (cliprange 0.2, cliprange_value
+    0.2, vf_coef 0.1). The rollout side (prefjax.pipeline.rollouts, `online.*`) differs from
+    TRL only where its config says so: value model (`online.value_model`, default a head on the
+    policy's trunk; TRL: from the reward model) and temperature (default 1; TRL 0.7).
     """
     if out.values is None:
         raise ValueError("ppo: out.values is None; PPO needs a value head filling "

@@ -17,9 +17,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from prefjax.losses.grpo import grpo_batch
 from prefjax.losses.ppo import gae, kl_shaped_rewards, whiten
+from prefjax.losses.rloo import reinforce_pp_batch, rloo_batch
 
-DATA_KINDS = ("pairs", "sequences", "prompts")
+DATA_KINDS = ("pairs", "sequences", "prompts", "unpaired")
 HEADS = (None, "reward", "value")
 
 
@@ -41,15 +43,18 @@ class ExtraRows:
 class Rollout:
     """How an online algorithm turns scored samples into its loss's batch.
 
-    samples_per_prompt: 1, or 2 (rows [:B] the first sample of each prompt, [B:] the second).
+    samples_per_prompt: 1, or 2 (rows [:B] the first sample of each prompt, [B:] the second),
+        or None: `online.num_generations` = k samples (row i*B + j is sample i of prompt j).
     batch: `(rows, out, ref, scores, settings) -> loss batch`, traced inside one jit: rows are
         the training rows of prompts + samples (input_ids, attention_mask, loss_mask [r, t]),
         out / ref the sampling policy's and the reference's PolicyOuts of them, scores [r] and
-        settings the online config as a hashable record (kl_coef, gamma, lam, whiten_rewards).
-    shaped_kl: the rollout metrics' reward includes `online.kl_coef` x KL (PPO's shaped reward).
+        settings the online config as a record (kl_coef, kl_estimator, gamma, lam,
+        whiten_rewards); its kl_coef is a traced scalar (the adaptive KL controller moves it).
+    shaped_kl: the rollout metrics' reward includes `online.kl_coef` x KL (PPO's shaped
+        reward); only such algorithms may use the adaptive KL controller (`online.kl_target`).
     """
 
-    samples_per_prompt: int
+    samples_per_prompt: int | None
     batch: Callable
     shaped_kl: bool = False
 
@@ -59,7 +64,9 @@ class Algorithm:
     """Everything the pipeline needs to know about `config.algo = name`.
 
     loss: the `prefjax.losses` name trained (several records may share a loss).
-    data: pairs (chosen rows, then rejected rows) | sequences | prompts (online: rollouts).
+    data: pairs (chosen rows, then rejected rows) | sequences | prompts (online: rollouts) |
+        unpaired (labelled prompt + completion rows, then the same prompts with mismatched
+        completions; batch key labels [2n]; prefjax.data.unpaired).
     reference: `hparams -> tuple of reference quantities` the loss reads from the batch
         (() or ("logps",): the sequence log-probs `ref_logps`).
     head: None | "reward" (a scalar head on the decoder) | "value" (a value head for the policy).
@@ -93,7 +100,8 @@ class Algorithm:
     @property
     def paired(self) -> bool:
         """Rows come in two halves of partners (chosen / rejected, or two samples per prompt)."""
-        return self.data == "pairs" or (self.online and self.rollout.samples_per_prompt == 2)
+        return self.data in ("pairs", "unpaired") or (
+            self.online and self.rollout.samples_per_prompt == 2)
 
     def needs_reference(self, hp: Mapping[str, Any]) -> bool:
         """Whether the loss with hyperparameters `hp` reads reference log-probs from the batch."""
@@ -115,7 +123,7 @@ def _mpo_reference(hp):
 def ppo_batch(rows, out, ref, scores, o):
     """KL-shaped per-token rewards, GAE and whitened advantages (PPO)."""
     r = kl_shaped_rewards(scores, out.token_logps, ref.token_logps, rows["loss_mask"],
-                          kl_coef=o.kl_coef)
+                          kl_coef=o.kl_coef, estimator=o.kl_estimator)
     if o.whiten_rewards:
         r = whiten(r, rows["loss_mask"], shift_mean=False)
     adv, ret = gae(r, out.values, rows["loss_mask"], gamma=o.gamma, lam=o.lam)
@@ -162,6 +170,11 @@ RECORDS: dict[str, Algorithm] = {
                      rollout=Rollout(1, ppo_batch, shaped_kl=True)),
     "p3o": Algorithm("p3o", "p3o", "prompts", rollout=Rollout(2, p3o_batch)),
     "online_dpo": Algorithm("online_dpo", "dpo", "prompts", rollout=Rollout(2, ranked_pair_batch)),
+    "grpo": Algorithm("grpo", "grpo", "prompts", rollout=Rollout(None, grpo_batch)),
+    "rloo": Algorithm("rloo", "rloo", "prompts", rollout=Rollout(None, rloo_batch, shaped_kl=True)),
+    "reinforce_pp": Algorithm("reinforce_pp", "rloo", "prompts",
+                              rollout=Rollout(None, reinforce_pp_batch, shaped_kl=True)),
+    "kto": Algorithm("kto", "kto", "unpaired", reference=lambda hp: ("logps",)),
 }
 
 

@@ -12,8 +12,10 @@
 - "splash": Pallas splash attention; TPU only, q_start and window static, t and s multiples of
   128; under a context mesh (`jax.set_mesh`) it runs in shard_map over rows and heads.
 
-Masks are built from slot positions (and, inside "blockwise", per block), so segment ids for
-packed rows can later be added as one more keyword and one more term of the per-block mask.
+Masks are built from slot positions (and, inside "blockwise", per block). Packed rows (several
+sequences per row, prefjax.data.packing) pass `segment_ids` [b, s]: a query then sees only keys
+of its own segment, in every implementation (one more term of the mask; splash's native
+SegmentIds). Each segment must be one contiguous run of slots, as packing lays them out.
 """
 
 from __future__ import annotations
@@ -35,28 +37,57 @@ IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "splash")
 
 def attend(q: Array, k: Array, v: Array, *, key_mask: Array, q_start: Array | int,
            window: int | None = None, scale: float, impl: str = "xla",
-           block_q: int = 128, block_k: int = 256) -> Array:
+           block_q: int = 128, block_k: int = 256, segment_ids: Array | None = None) -> Array:
     """Causal attention of q [b, t, h, d] over k/v [b, s, kh, d] (h a multiple of kh).
 
     key_mask int/bool [b, s]: 1 where a key slot holds a real token. q_start: the key slot of
     query 0 (0 without a KV cache, `cache.index` when decoding). window: sliding window size or
     None. Returns [b, t, h, d] in v's dtype; a query with no visible key stays finite (it
     averages v uniformly over all s slots, as the reference does). block_q / block_k: tile sizes
-    of "blockwise" (clipped to t / s; t and s need not be multiples).
+    of "blockwise" (clipped to t / s; t and s need not be multiples). segment_ids int [b, s]
+    or None: the segment of each key slot; query i belongs to the segment of its slot
+    q_start + i and sees only keys of that segment (packed rows; contiguous runs).
     """
-    _check(q, k, v, key_mask, window, impl)
+    _check(q, k, v, key_mask, window, impl, segment_ids)
     t = q.shape[1]
     if impl == "xla":
-        return kvc.attend(q, k, v, kvc.causal_allowed(key_mask, q_start, t, window), scale)
+        return kvc.attend(q, k, v, allowed(key_mask, q_start, t, window, segment_ids), scale)
     if impl == "blockwise":
         return blockwise(q, k, v, key_mask=key_mask, q_start=q_start, window=window,
-                         scale=scale, block_q=block_q, block_k=block_k)
+                         scale=scale, block_q=block_q, block_k=block_k,
+                         segment_ids=segment_ids)
     if impl == "cudnn":
-        return _cudnn(q, k, v, key_mask, q_start, window, scale)
-    return _splash(q, k, v, key_mask, q_start, window, scale)
+        return _cudnn(q, k, v, key_mask, q_start, window, scale, segment_ids=segment_ids)
+    return _splash(q, k, v, key_mask, q_start, window, scale, segment_ids=segment_ids)
 
 
-def _check(q, k, v, key_mask, window, impl) -> None:
+def query_segments(segment_ids: Array, q_start: Array | int, t: int) -> Array:
+    """int [b, t]: the segment of each query (that of its slot q_start + i)."""
+    if isinstance(q_start, int) and q_start == 0 and segment_ids.shape[1] == t:
+        return segment_ids
+    return jax.lax.dynamic_slice_in_dim(segment_ids, jnp.asarray(q_start, jnp.int32), t, axis=1)
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """int32 [b, t]: 0, 1, 2, ... within each contiguous run of equal segment ids (packed rows
+    restart their positions at every sequence; padding runs count too and are never read)."""
+    t = segment_ids.shape[1]
+    idx = jnp.arange(t, dtype=jnp.int32)
+    new_run = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)),
+                      constant_values=True)
+    return idx - jax.lax.cummax(jnp.where(new_run, idx, 0), axis=1)
+
+
+def allowed(key_mask: Array, q_start: Array | int, t: int, window: int | None = None,
+            segment_ids: Array | None = None) -> Array:
+    """bool [b, t, s]: `cache.causal_allowed`, and with segment_ids the same segment too."""
+    ok = kvc.causal_allowed(key_mask, q_start, t, window)
+    if segment_ids is None:
+        return ok
+    return ok & (query_segments(segment_ids, q_start, t)[:, :, None] == segment_ids[:, None, :])
+
+
+def _check(q, k, v, key_mask, window, impl, segment_ids=None) -> None:
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl={impl!r} is not one of {IMPLEMENTATIONS}")
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
@@ -71,6 +102,12 @@ def _check(q, k, v, key_mask, window, impl) -> None:
                          f"got {key_mask.shape}")
     if window is not None and window < 1:
         raise ValueError(f"attention: window must be >= 1 or None, got {window}")
+    if segment_ids is not None and segment_ids.shape != key_mask.shape:
+        raise ValueError(f"attention: segment_ids must be [b, s] = {key_mask.shape} like "
+                         f"key_mask, got {segment_ids.shape}")
+    if segment_ids is not None and q.shape[1] > k.shape[1]:
+        raise ValueError(f"attention: segment_ids need t <= s (got t={q.shape[1]}, "
+                         f"s={k.shape[1]})")
 
 
 # ------------------------------------------------------------------------------------------
@@ -79,7 +116,7 @@ def _check(q, k, v, key_mask, window, impl) -> None:
 
 def blockwise(q: Array, k: Array, v: Array, *, key_mask: Array, q_start: Array | int,
               window: int | None = None, scale: float, block_q: int = 128,
-              block_k: int = 256) -> Array:
+              block_k: int = 256, segment_ids: Array | None = None) -> Array:
     """Flash-style attention, same contract as `attend`; saves O(t) for the backward pass.
 
     q is cut into blocks of block_q queries and k/v into blocks of block_k slots (the last
@@ -98,7 +135,12 @@ def blockwise(q: Array, k: Array, v: Array, *, key_mask: Array, q_start: Array |
               .transpose(1, 0, 3, 2, 4) for x in (k, v))  # [nk, b, kh, bk, d]
     mb = jnp.pad(key_mask != 0, pad_s).reshape(b, nk, bk).transpose(1, 0, 2)  # [nk, b, bk]
     start = jnp.asarray(q_start, jnp.int32)
-    o = _flash(qb, kb, vb, mb, start, window, float(scale), s)  # [nq, b, kh, g, bq, d]
+    seg = None
+    if segment_ids is not None:  # (query segments [nq, b, bq], key segments [nk, b, bk])
+        sq = jnp.pad(query_segments(segment_ids, q_start, t), pad_t, constant_values=-1)
+        sk = jnp.pad(segment_ids, pad_s, constant_values=-2)
+        seg = (sq.reshape(b, nq, bq).transpose(1, 0, 2), sk.reshape(b, nk, bk).transpose(1, 0, 2))
+    o = _flash(qb, kb, vb, mb, start, seg, window, float(scale), s)  # [nq, b, kh, g, bq, d]
     return o.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, h, d)[:, :t]
 
 
@@ -109,14 +151,19 @@ def _key_blocks(q_lo, bq: int, bk: int, nk: int, window: int | None):
     return lo, hi
 
 
-def _block_allowed(q_lo, j, bq: int, bk: int, kmask: Array, window: int | None) -> Array:
-    """bool [b, bq, bk]: query q_lo + i may see slot j * bk + c (causal, window, key real)."""
+def _block_allowed(q_lo, j, bq: int, bk: int, kmask: Array, window: int | None,
+                   segs=None) -> Array:
+    """bool [b, bq, bk]: query q_lo + i may see slot j * bk + c (causal, window, key real, and
+    with `segs` = (query segments [b, bq], key segments [b, bk]) the same segment)."""
     qpos = q_lo + jnp.arange(bq)[:, None]
     kpos = j * bk + jnp.arange(bk)[None, :]
     ok = kpos <= qpos
     if window is not None:
         ok = ok & (kpos > qpos - window)
-    return ok[None] & kmask[:, None, :]
+    ok = ok[None] & kmask[:, None, :]
+    if segs is not None:
+        ok = ok & (segs[0][:, :, None] == segs[1][:, None, :])
+    return ok
 
 
 def _scores(qi, kj, ok, scale, dtype):
@@ -125,12 +172,17 @@ def _scores(qi, kj, ok, scale, dtype):
     return jnp.where(ok[:, None, None], z, -jnp.inf)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _flash(qb, kb, vb, mb, start, window, scale, s):
-    return _flash_fwd(qb, kb, vb, mb, start, window, scale, s)[0]
+def _segs(seg, i, j):
+    """(query segments of q block i, key segments of k block j), or None without segments."""
+    return None if seg is None else (seg[0][i], seg[1][j])
 
 
-def _flash_fwd(qb, kb, vb, mb, start, window, scale, s):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _flash(qb, kb, vb, mb, start, seg, window, scale, s):
+    return _flash_fwd(qb, kb, vb, mb, start, seg, window, scale, s)[0]
+
+
+def _flash_fwd(qb, kb, vb, mb, start, seg, window, scale, s):
     nq, b, kh, g, bq, d = qb.shape
     nk, bk = kb.shape[0], kb.shape[3]
     st = jnp.promote_types(jnp.float32, qb.dtype)  # softmax statistics dtype
@@ -141,7 +193,8 @@ def _flash_fwd(qb, kb, vb, mb, start, window, scale, s):
 
         def k_block(j, carry):
             acc, m, l = carry
-            z = _scores(qi, kb[j], _block_allowed(q_lo, j, bq, bk, mb[j], window), scale, st)
+            ok = _block_allowed(q_lo, j, bq, bk, mb[j], window, _segs(seg, i, j))
+            z = _scores(qi, kb[j], ok, scale, st)
             m_new = jnp.maximum(m, z.max(-1))  # m starts finite, so z - m_new is never nan
             p = jnp.exp(z - m_new[..., None])
             c = jnp.exp(m - m_new)
@@ -162,11 +215,11 @@ def _flash_fwd(qb, kb, vb, mb, start, window, scale, s):
     # no visible key: the reference's all-equal masked scores give the mean of v over s slots
     vmean = vb.astype(st).sum((0, 3)) / s  # [b, kh, d]
     o = jnp.where(jnp.isinf(lse)[..., None], vmean[None, :, :, None, None], o).astype(vb.dtype)
-    return o, (qb, kb, vb, mb, start, o, lse)
+    return o, (qb, kb, vb, mb, start, seg, o, lse)
 
 
 def _flash_bwd(window, scale, s, res, do):
-    qb, kb, vb, mb, start, o, lse = res
+    qb, kb, vb, mb, start, seg, o, lse = res
     nq, b, kh, g, bq, d = qb.shape
     nk, bk = kb.shape[0], kb.shape[3]
     st = lse.dtype
@@ -179,7 +232,8 @@ def _flash_bwd(window, scale, s, res, do):
 
         def k_block(j, carry):
             dq, dk, dv = carry
-            z = _scores(qi, kb[j], _block_allowed(q_lo, j, bq, bk, mb[j], window), scale, st)
+            ok = _block_allowed(q_lo, j, bq, bk, mb[j], window, _segs(seg, i, j))
+            z = _scores(qi, kb[j], ok, scale, st)
             p = jnp.exp(z - lse_i[..., None])  # 0 where masked and in rows with no visible key
             dp = jnp.einsum("bkgqd,bksd->bkgqs", doi, vb[j], preferred_element_type=st)
             ds = (p * (dp - delta_i[..., None]) * scale).astype(qb.dtype)
@@ -200,7 +254,7 @@ def _flash_bwd(window, scale, s, res, do):
     # slots too, harmlessly: the caller's pad drops them); their q and k get no gradient
     dead = jnp.where(jnp.isinf(lse)[..., None], do.astype(st), 0.0).sum((0, 3, 4)) / s
     dv = dv + dead[None, :, :, None, :]
-    return dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), None, None
+    return dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -237,14 +291,26 @@ def _require_backend(impl: str, platform: str) -> None:
 
 
 def no_visible_key(key_mask: Array, q_start: Array | int, t: int,
-                   window: int | None = None) -> Array:
-    """bool [b, t]: query i sees no real key (from a cumulative count, no [t, s] array)."""
-    s = key_mask.shape[1]
+                   window: int | None = None, segment_ids: Array | None = None) -> Array:
+    """bool [b, t]: query i sees no real key (from a cumulative count, no [t, s] array).
+
+    With segment_ids (each segment a contiguous run of slots) the visible keys start no earlier
+    than the first slot of the query's run.
+    """
+    b, s = key_mask.shape
     count = jnp.pad(jnp.cumsum(key_mask != 0, axis=1, dtype=jnp.int32), ((0, 0), (1, 0)))
     slot = q_start + jnp.arange(t)
-    hi = jnp.clip(slot + 1, 0, s)
+    hi = jnp.broadcast_to(jnp.clip(slot + 1, 0, s), (b, t))
     lo = jnp.zeros_like(hi) if window is None else jnp.clip(slot - window + 1, 0, s)
-    return count[:, hi] == count[:, lo]
+    lo = jnp.broadcast_to(lo, (b, t))
+    if segment_ids is not None:
+        idx = jnp.arange(s)
+        new_run = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)),
+                          constant_values=True)
+        run_start = jax.lax.cummax(jnp.where(new_run, idx, 0), axis=1)  # [b, s]
+        lo = jnp.maximum(lo, jnp.take_along_axis(run_start, jnp.clip(hi - 1, 0, s - 1), 1))
+    rows = jnp.arange(b)[:, None]
+    return count[rows, hi] == count[rows, lo]
 
 
 def _patch_no_visible_key(o, v, dead):
@@ -254,7 +320,8 @@ def _patch_no_visible_key(o, v, dead):
     return jnp.where(dead[:, :, None, None], vmean[:, None].astype(o.dtype), o)
 
 
-def _cudnn(q, k, v, key_mask, q_start, window, scale, implementation: str = "cudnn"):
+def _cudnn(q, k, v, key_mask, q_start, window, scale, implementation: str = "cudnn", *,
+           segment_ids: Array | None = None):
     """implementation="xla" runs the same call through XLA: tests of this wrapper on CPU."""
     _require_backend("cudnn", "gpu")
     if implementation == "cudnn" and (q.dtype not in (jnp.bfloat16, jnp.float16)
@@ -264,11 +331,12 @@ def _cudnn(q, k, v, key_mask, q_start, window, scale, implementation: str = "cud
     t = q.shape[1]
     # an explicit [b, 1, t, s] mask covers left padding, the q_start offset of a KV cache and
     # the window alike (cuDNN's own causal mask assumes q_start == 0 and right padding)
-    allowed = kvc.causal_allowed(key_mask, q_start, t, window)[:, None]
-    o = jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale,
+    # (segment ids are one more term of the same mask)
+    ok = allowed(key_mask, q_start, t, window, segment_ids)[:, None]
+    o = jax.nn.dot_product_attention(q, k, v, mask=ok, scale=scale,
                                      implementation=implementation)
-    return _patch_no_visible_key(o.astype(v.dtype), v, no_visible_key(key_mask, q_start, t,
-                                                                       window))
+    dead = no_visible_key(key_mask, q_start, t, window, segment_ids)
+    return _patch_no_visible_key(o.astype(v.dtype), v, dead)
 
 
 def _static_int(x, field: str, impl: str) -> int:
@@ -281,7 +349,7 @@ def _static_int(x, field: str, impl: str) -> int:
 
 
 def _splash(q, k, v, key_mask, q_start, window, scale, block: int = 128,
-            interpret: bool = False):
+            interpret: bool = False, *, segment_ids: Array | None = None):
     _require_backend("splash", "tpu")
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
@@ -308,12 +376,17 @@ def _splash(q, k, v, key_mask, q_start, window, scale, block: int = 128,
         run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec,
                                                       sa.SegmentIds(seg_spec, seg_spec)),
                             out_specs=spec, check_vma=False)
-    dead = no_visible_key(key_mask, q_start, t, window)
-    # segment ids: real keys are segment 1, padding 0. Queries are segment 1, except a query
-    # with no visible real key, which joins segment 0 so that its row is not empty (splash's
-    # softmax needs one visible key; its own slot is padding) and is patched below.
-    seg = sa.SegmentIds(q=jnp.where(dead, 0, 1).astype(jnp.int32),
-                        kv=(key_mask != 0).astype(jnp.int32))
+    dead = no_visible_key(key_mask, q_start, t, window, segment_ids)
+    # splash segment ids: padding keys are segment 0, real keys 1 + their packed segment (1
+    # without packing). Queries take their slot's, except a query with no visible real key,
+    # which joins segment 0 so that its row is not empty (splash's softmax needs one visible
+    # key; its own slot is padding) and is patched below.
+    if segment_ids is None:
+        kv_seg, q_seg = (key_mask != 0).astype(jnp.int32), jnp.ones((b, t), jnp.int32)
+    else:
+        kv_seg = jnp.where(key_mask != 0, segment_ids + 1, 0).astype(jnp.int32)
+        q_seg = query_segments(segment_ids, offset, t).astype(jnp.int32) + 1
+    seg = sa.SegmentIds(q=jnp.where(dead, 0, q_seg), kv=kv_seg)
     qh = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)  # splash does not scale
     o = run(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), seg)
     return _patch_no_visible_key(o.transpose(0, 2, 1, 3).astype(v.dtype), v, dead)

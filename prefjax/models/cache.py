@@ -42,6 +42,50 @@ class KVCache(NamedTuple):
         return self.mask.shape[1]
 
 
+def from_prefix(prefix: KVCache, rows: Array, max_len: int) -> KVCache:
+    """A cache of `len(rows)` rows and `max_len` slots whose row i starts as `prefix` row
+    `rows[i]` (its slots `[0, prefix.max_len)`), index `prefix.max_len`.
+
+    This is how one prompt prefill serves several samples: `rows` may repeat a prefix row.
+    """
+    p = prefix.max_len
+    if max_len < p:
+        raise ValueError(f"from_prefix: max_len {max_len} is shorter than the prefix ({p})")
+    pad = ((0, 0), (0, 0), (0, max_len - p), (0, 0), (0, 0))
+    k, v = (jnp.pad(jnp.take(x, rows, axis=1), pad) for x in (prefix.k, prefix.v))
+    mask = jnp.pad(jnp.take(prefix.mask, rows, axis=0), ((0, 0), (0, max_len - p)))
+    return KVCache(k, v, mask, jnp.asarray(p, jnp.int32))
+
+
+def place(cache: KVCache, row: Array, prefix: KVCache) -> KVCache:
+    """`cache` with row `row` restarted as the 1-row `prefix`: its slots end just before
+    `cache.index`, every other slot of the row is masked out (stale keys stay, unseen).
+
+    Needs `cache.index >= prefix.max_len`. The next token of the row is then written at
+    `cache.index` like every other row's, so all rows keep one shared write index.
+    """
+    start = cache.index - prefix.max_len
+    k, v = (jax.lax.dynamic_update_slice(x, new.astype(x.dtype), (0, row, start, 0, 0))
+            for x, new in ((cache.k, prefix.k), (cache.v, prefix.v)))
+    line = jax.lax.dynamic_update_slice(jnp.zeros((1, cache.max_len), jnp.int32),
+                                        prefix.mask.astype(jnp.int32), (0, start))
+    return cache._replace(k=k, v=v, mask=jax.lax.dynamic_update_slice(cache.mask, line,
+                                                                      (row, 0)))
+
+
+def shift(cache: KVCache, d: int) -> KVCache:
+    """`cache` with every row moved `d` slots to the left (the first `d` slots dropped, free
+    slots added at the end) and `index - d`.
+
+    Attention depends on slots only through order and distance (causality, the sliding
+    window), and positions come from the mask, so a shift changes no output as long as no
+    row needs the dropped slots.
+    """
+    pad = ((0, 0), (0, 0), (0, d), (0, 0), (0, 0))
+    k, v = (jnp.pad(x[:, :, d:], pad) for x in (cache.k, cache.v))
+    return KVCache(k, v, jnp.pad(cache.mask[:, d:], ((0, 0), (0, d))), cache.index - d)
+
+
 def positions_from_mask(attention_mask: Array) -> Array:
     """`cumsum(mask) - 1` clipped at 0: [b, t] int32; right and left padding both work."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)

@@ -28,6 +28,7 @@ from prefjax.models.llama import (
     Dense,
     block_remat,
     check_layer_options,
+    packed_context,
     remat_block,
     row_sharded,
     scan_blocks,
@@ -159,7 +160,7 @@ class Attention(nnx.Module):
         if kv is not None:  # attend over the whole cache buffer with the new tokens written in
             k, v = kvc.write(kv[0], k, ctx.index), kvc.write(kv[1], v, ctx.index)
         a = attention.attend(q, k, v, key_mask=ctx.key_mask, q_start=ctx.start, scale=self.scale,
-                             impl=self.impl)
+                             impl=self.impl, segment_ids=ctx.segments)
         return self.o(a.reshape(b, t, -1)), (k, v)
 
 
@@ -236,19 +237,22 @@ class GPT2(nnx.Module):
                              f"be < {n})")
 
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None, *,
-                      positions: Array | None = None, cache: KVCache | None = None
-                      ) -> tuple[Array, KVCache | None]:
+                      positions: Array | None = None, cache: KVCache | None = None,
+                      segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
         """Final-LayerNormed hidden states [b, t, d] (compute dtype) and the cache (or None).
 
         Positions past n_positions raise when they are concrete (no jit, or t > n_positions);
         under jit explicit positions are not checked and the embedding gather would clamp.
+        segment_ids: packed rows, as `Llama.hidden_states` (learned positions per segment).
         """
         c = self.config
         b, t = input_ids.shape
         self._check_positions(t, positions)
+        attention_mask, positions = packed_context(input_ids, attention_mask, positions, cache,
+                                                   segment_ids)
         _, key_mask, pos, start, index = kvc.forward_context(attention_mask, (b, t), cache,
                                                              positions)
-        ctx = Context(pos, key_mask, start, index)
+        ctx = Context(pos, key_mask, start, index, segment_ids)
         # remat only saves activation memory for a backward pass; decoding with a cache has none
         policy = block_remat(c.remat_policy, self.remat) if cache is None else "none"
         x = jnp.take(self.wte[...], input_ids, axis=0) + jnp.take(self.wpe[...], pos, axis=0)
@@ -285,10 +289,11 @@ class GPT2(nnx.Module):
         return w.astype(self.dtype)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, *,
-                 positions: Array | None = None, cache: KVCache | None = None):
+                 positions: Array | None = None, cache: KVCache | None = None,
+                 segment_ids: Array | None = None):
         """Logits float32 [b, t, v] = hidden_states @ unembed(); `(logits, cache)` with a cache."""
         h, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions,
-                                          cache=cache)
+                                          cache=cache, segment_ids=segment_ids)
         logits = jnp.matmul(h, self.unembed(), preferred_element_type=jnp.float32)
         return logits if cache is None else (logits, new_cache)
 

@@ -369,6 +369,30 @@ class Context(NamedTuple):
     key_mask: Array  # [b, s] 1 where a key slot holds a real token (s = t, or max_len)
     start: Array | int  # key slot of query 0: 0 without a cache, cache.index with one
     index: Array | None  # cache write slot (None without a cache)
+    segments: Array | None = None  # [b, s] packed rows: attention stays inside each segment
+
+
+def packed_context(input_ids: Array, attention_mask: Array | None, positions: Array | None,
+                   cache: KVCache | None, segment_ids: Array | None):
+    """(attention_mask, positions) of a forward, filled in from `segment_ids` for packed rows.
+
+    Packed rows (several sequences per row, `prefjax.data.packing`) take their positions per
+    segment (RoPE / learned positions restart at 0 for every sequence) and their mask from
+    segment_ids != 0 unless given. Shared by every decoder.
+    """
+    if segment_ids is None:
+        return attention_mask, positions
+    if cache is not None:
+        raise ValueError("segment_ids (packed rows) are for training and scoring forwards; "
+                         "decoding with a KV cache takes unpacked rows")
+    if segment_ids.shape != input_ids.shape:
+        raise ValueError(f"segment_ids must be [b, t] = {input_ids.shape} like input_ids, got "
+                         f"{segment_ids.shape}")
+    if attention_mask is None:
+        attention_mask = (segment_ids != 0).astype(jnp.int32)
+    if positions is None:
+        positions = attention.segment_positions(segment_ids)
+    return attention_mask, positions
 
 
 class Attention(nnx.Module):
@@ -390,7 +414,8 @@ class Attention(nnx.Module):
         if kv is not None:  # attend over the whole cache buffer with the new tokens written in
             k, v = kvc.write(kv[0], k, ctx.index), kvc.write(kv[1], v, ctx.index)
         a = attention.attend(q, k, v, key_mask=ctx.key_mask, q_start=ctx.start, window=window,
-                             scale=self.head_dim ** -0.5, impl=self.config.attention_impl)
+                             scale=self.head_dim ** -0.5, impl=self.config.attention_impl,
+                             segment_ids=ctx.segments)
         return self.o(a.reshape(b, t, -1)), (k, v)
 
 
@@ -454,14 +479,20 @@ class Llama(nnx.Module):
             c.hidden_size, c.vocab_size, ("embed", "vocab"), bias=False, **kw)
 
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None, *,
-                      positions: Array | None = None, cache: KVCache | None = None
-                      ) -> tuple[Array, KVCache | None]:
-        """Final-normed hidden states [b, t, d] (compute dtype) and the updated cache (or None)."""
+                      positions: Array | None = None, cache: KVCache | None = None,
+                      segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
+        """Final-normed hidden states [b, t, d] (compute dtype) and the updated cache (or None).
+
+        segment_ids int [b, t] (packed rows, no cache): 0 on padding, one id per sequence; no
+        attention crosses segments and positions restart per segment unless given.
+        """
         c = self.config
         b, t = input_ids.shape
+        attention_mask, positions = packed_context(input_ids, attention_mask, positions, cache,
+                                                   segment_ids)
         _, key_mask, pos, start, index = kvc.forward_context(attention_mask, (b, t), cache,
                                                              positions)
-        ctx = Context(pos, key_mask, start, index)
+        ctx = Context(pos, key_mask, start, index, segment_ids)
         # remat only saves activation memory for a backward pass; decoding with a cache has none
         policy = block_remat(c.remat_policy, self.remat) if cache is None else "none"
         x = row_sharded(jnp.take(self.embed.embedding[...], input_ids, axis=0).astype(self.dtype))
@@ -494,7 +525,8 @@ class Llama(nnx.Module):
         return w.astype(self.dtype)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, *,
-                 positions: Array | None = None, cache: KVCache | None = None):
+                 positions: Array | None = None, cache: KVCache | None = None,
+                 segment_ids: Array | None = None):
         """Logits float32 [b, t, v]; `(logits, new_cache)` when `cache` is given.
 
         Logits are `hidden_states @ unembed()` accumulated in float32 (identical to
@@ -502,7 +534,7 @@ class Llama(nnx.Module):
         rounding of the product to bf16).
         """
         h, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions,
-                                          cache=cache)
+                                          cache=cache, segment_ids=segment_ids)
         logits = jnp.matmul(h, self.unembed(), preferred_element_type=jnp.float32)
         return logits if cache is None else (logits, new_cache)
 

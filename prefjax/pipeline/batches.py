@@ -15,20 +15,55 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from prefjax import parallel
-from prefjax.data import BatchLoader, collate_pairs, collate_prompts, collate_sequences
+from prefjax.data import BatchLoader, collate_pairs, collate_prompts, collate_sequences, unpaired
+from prefjax.data.packing import pack_batch
 from prefjax.losses.records import Algorithm
 
 log = logging.getLogger(__name__)
 
-_COLLATE = {"pairs": collate_pairs, "sequences": collate_sequences, "prompts": collate_prompts}
+_COLLATE = {"pairs": collate_pairs, "sequences": collate_sequences, "prompts": collate_prompts,
+            "unpaired": unpaired.collate_unpaired}
 # the dataset columns that hold precomputed reference log-probs, per data kind
-REF_COLUMNS = {"pairs": ("ref_chosen_logps", "ref_rejected_logps"), "sequences": ("ref_logps",)}
+REF_COLUMNS = {"pairs": ("ref_chosen_logps", "ref_rejected_logps"), "sequences": ("ref_logps",),
+               "unpaired": unpaired.REF_COLUMNS}
 
 
 def collate_fn(rec: Algorithm, c: ConfigDict, pad_id: int) -> Callable:
     """`rows -> batch` for the record's data kind (prompts: left-padded to max_prompt_length)."""
     seq_len = c.data.max_prompt_length if rec.data == "prompts" else c.data.max_length
     return functools.partial(_COLLATE[rec.data], pad_id=pad_id, seq_len=seq_len)
+
+
+# data kinds whose rows packing keeps exact (offline, teacher-forced, no per-row head layout)
+PACKABLE = ("pairs", "sequences", "unpaired")
+
+
+def packing_applies(rec: Algorithm, c: ConfigDict, tail_key: str | None) -> bool:
+    """Whether this run trains on packed batches: `data.packing` and an offline record whose
+    rows pack exactly (one process, no extra row group: both reorder rows across batches)."""
+    if not c.data.get("packing", False):
+        return False
+    why = ("online rollouts are built on device" if rec.online else
+           f"data kind {rec.data!r}" if rec.data not in PACKABLE else
+           f"the extra row group {tail_key!r}" if tail_key is not None else
+           "several processes" if parallel.process_count() > 1 else
+           "a value head" if rec.head == "value" else "")
+    if why:
+        log.info("data.packing: off for this run (%s)", why)
+        return False
+    return True
+
+
+def packed_collate(collate: Callable, rec: Algorithm, c: ConfigDict) -> Callable:
+    """`collate` (right-padded) followed by `prefjax.data.packing.pack_batch`, packed per
+    micro-batch of `train.grad_accum` so that pairs stay in one micro-batch."""
+    return functools.partial(_pack, collate, micro_batches=c.train.grad_accum,
+                             paired=rec.paired, row_multiple=c.data.pack_row_multiple,
+                             pad_id=collate.keywords["pad_id"])
+
+
+def _pack(collate: Callable, rows, *, pad_id: int, **kw) -> dict:
+    return pack_batch(collate(rows), pad_id=pad_id, **kw)
 
 
 def sequence_collate(c: ConfigDict, pad_id: int) -> Callable:

@@ -18,6 +18,7 @@ from ml_collections import ConfigDict
 
 from prefjax.lm import policy_out
 from prefjax.losses.records import Algorithm
+from prefjax.models import lora
 from prefjax.parallel import param_shardings
 from prefjax.train import build
 from prefjax.train.reference import POLICY_PARAMS, WithReference, live_reference_forward
@@ -75,7 +76,10 @@ def reference_model(c: ConfigDict, decoder, *, mesh, rules) -> nnx.Module:
     """The frozen reference (`reference.source`, else a copy of the initial policy), placed."""
     ref = build.reference_module(c, decoder, mesh=mesh, rules=rules)
     if ref is decoder:  # a loaded policy: the reference must not move with it
-        ref = nnx.clone(ref)
+        # own buffers, not nnx.clone's shared ones: the policy's are donated into the train
+        # state (`trainee`), which deletes them
+        graphdef, st = nnx.split(ref)
+        ref = nnx.merge(graphdef, jax.tree.map(jnp.copy, st))
     return frozen(ref, c, mesh=mesh, rules=rules)
 
 
@@ -85,20 +89,41 @@ def lazy_reference(c: ConfigDict, decoder, *, mesh, rules) -> Callable[[], nnx.M
 
 
 def trainee(c: ConfigDict, rec: Algorithm, decoder, *, optimizer, mesh, rules,
-            live_reference: nnx.Module | None = None) -> Trainee:
+            live_reference: nnx.Module | None = None, base_reference: bool = False) -> Trainee:
     """The trained model from the policy decoder (a module or `rngs -> module`): with the
     record's head, and with `live_reference` carried in the state (frozen: only the policy's
-    parameters train, and the forward adds `ref_logps` to each batch)."""
-    from prefjax.models.heads import PolicyWithValue, RewardModel
+    parameters train, and the forward adds `ref_logps` to each batch).
+
+    With `lora.rank` > 0 the model gets LoRA adapters: only they (and a reward / value head)
+    train, the base stays in `state.rest` and out of checkpoints; `base_reference` then makes
+    the forward add `ref_logps` of the same model with its adapters off (the base: one model in
+    memory, no `live_reference`)."""
+    from prefjax.models.heads import RewardModel
+    from prefjax.pipeline import rollouts
 
     seed, chunk = c.seed, c.model.logps_chunk or None
-    forward, trainable = functools.partial(policy_out, chunk_size=chunk), nnx.Param
+    # online: the loss's log-probs at the temperature the rollouts were scored at
+    temperature = rollouts.scoring_temperature(c) if rec.online else 1.0
+    forward = functools.partial(policy_out, chunk_size=chunk, temperature=temperature)
+    trainable = nnx.Param
     make = decoder
     if rec.head == "reward":
         make = (RewardModel(decoder, rngs=nnx.Rngs(seed)) if isinstance(decoder, nnx.Module)
                 else lambda rngs: RewardModel(decoder(rngs), rngs=rngs))
     elif rec.head == "value":
-        make = PolicyWithValue(build.materialize(decoder, seed), rngs=nnx.Rngs(seed + 1))
+        make = value_model(c, build.materialize(decoder, seed), mesh=mesh, rules=rules)
+    if rec.online:
+        rollouts.check_online(c, rec)
+        if rollouts.adaptive_kl(c):  # the controller's state travels with the model's
+            make = build.materialize(make, seed)
+            setattr(make, rollouts.KL_CTL,
+                    rollouts.KLCoef(jnp.asarray(float(c.online.kl_coef), jnp.float32)))
+    spec = lora.LoRASpec.from_config(c.get("lora"))
+    if spec is not None:
+        check_lora(c, live_reference, base_reference)
+        make, trainable = with_adapters(make, spec, seed), lora.TRAINABLE
+        if base_reference:
+            forward = base_reference_forward(chunk)
     if live_reference is not None:
         make = WithReference(build.materialize(make, seed), live_reference)
         forward, trainable = live_reference_forward(chunk), POLICY_PARAMS
@@ -107,15 +132,81 @@ def trainee(c: ConfigDict, rec: Algorithm, decoder, *, optimizer, mesh, rules,
     shardings = state_shardings(abstract, mesh, rules)
     if isinstance(make, nnx.Module):
         def init_state():
-            return state_from_module(make, optimizer, mesh=mesh, rules=rules, **kw)[0]
+            # donated: the loaded weights move into the state instead of being copied (the
+            # module outlives this call in closures; a second copy of a 0.5B policy is 2 GB)
+            return state_from_module(make, optimizer, mesh=mesh, rules=rules, donate=True,
+                                     **kw)[0]
     else:
         def init_state():
             return create_train_state(make, optimizer, mesh=mesh, rules=rules, **kw)[0]
+    if spec is not None:  # the frozen base is rebuilt from its source on resume
+        return Trainee(abstract, shardings, init_state, forward, frozen=lora.FROZEN_BASE,
+                       frozen_rest=lambda: place_frozen(build.materialize(make, seed), shardings,
+                                                        frozen=lora.FROZEN_BASE,
+                                                        trainable=trainable))
     if live_reference is None:
         return Trainee(abstract, shardings, init_state, forward)
     # a live reference is rebuilt from its source on resume, never written to checkpoints
     return Trainee(abstract, shardings, init_state, forward, frozen=FROZEN_REFERENCE,
                    frozen_rest=lambda: place_frozen(make, shardings, trainable=trainable))
+
+
+def uses_adapters(c: ConfigDict) -> bool:
+    """Whether the run trains LoRA adapters (`lora.rank` > 0) instead of the whole model."""
+    return lora.LoRASpec.from_config(c.get("lora")) is not None
+
+
+def base_is_reference(c: ConfigDict) -> bool:
+    """A LoRA run without `reference.source`: its reference is its own base (adapters off)."""
+    return uses_adapters(c) and not c.reference.source
+
+
+def check_lora(c: ConfigDict, live_reference, base_reference: bool) -> None:
+    """Fail at start, naming the field, for a reference a LoRA run cannot use."""
+    if live_reference is not None:
+        raise ValueError("a LoRA run (lora.rank > 0) takes its live reference from its own base "
+                         "(adapters off, base_reference=True), not a second model")
+    if base_reference and c.reference.source:
+        raise ValueError(f"lora.rank > 0 with reference.mode='live' uses the base model (adapters "
+                         f"off) as the reference, but reference.source={c.reference.source!r} "
+                         "names another model; clear it or use reference.mode='precomputed'")
+
+
+def with_adapters(make, spec: lora.LoRASpec, seed: int):
+    """`make` (a module or `rngs -> module`) with LoRA adapters on its decoders' projections;
+    the adapters draw from their own stream (`seed + 3`), so the base init is unchanged."""
+    if isinstance(make, nnx.Module):
+        return lora.add_adapters(make, spec, nnx.Rngs(seed + 3))
+    return lambda rngs: lora.add_adapters(make(rngs), spec, nnx.Rngs(seed + 3))
+
+
+def base_reference_forward(chunk_size: int | None = None):
+    """Forward of a LoRA model -> `(PolicyOut, {"ref_logps": [b]})`, the reference being the
+    same model with its adapters off: the base weights serve both, nothing is copied."""
+
+    def forward(model: nnx.Module, batch) -> tuple:
+        out = policy_out(model, batch, chunk_size=chunk_size)
+        ref = policy_out(lora.adapters_off(model), batch, chunk_size=chunk_size)
+        return out, {"ref_logps": ref.logps}
+
+    return forward
+
+
+def value_model(c: ConfigDict, policy: nnx.Module, *, mesh, rules) -> nnx.Module:
+    """PPO's policy + value function (`online.value_model`): "shared", a random scalar head on
+    the policy's trunk; "reward", a separate trunk and head initialised from the reward model
+    `online.reward` (InstructGPT, TRL), loaded in float32 (it trains)."""
+    from prefjax.models.heads import PolicyWithValue, RewardModel
+    from prefjax.models.value import PolicyAndValueModel
+
+    if c.online.value_model == "shared":
+        return PolicyWithValue(policy, rngs=nnx.Rngs(c.seed + 1))
+    if c.online.value_model != "reward":
+        raise ValueError(f"online.value_model must be shared | reward, got "
+                         f"{c.online.value_model!r}")
+    rm = RewardModel.from_hf(build.hf_folder(c.online.reward), rngs=nnx.Rngs(c.seed + 1),
+                             mesh=mesh, rules=rules)
+    return PolicyAndValueModel.from_reward_model(policy, rm)
 
 
 def policy_of(model: nnx.Module) -> nnx.Module:

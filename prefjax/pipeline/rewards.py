@@ -17,9 +17,32 @@ from prefjax.sampling import training_rows
 from prefjax.train import build
 
 
+def is_named_callable(spec: str) -> bool:
+    """`online.reward` names a function as `module:function` (not an existing folder)."""
+    return ":" in spec and not Path(spec).exists() and "/" not in spec.partition(":")[0]
+
+
+def named_callable(spec: str) -> Callable:
+    """The function `module:function` (e.g. `prefjax.data.verifiable:exact_match`), imported;
+    fails naming the spec when the module or the attribute is missing or not callable."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"online.reward={spec!r}: cannot import {name!r} from {module!r} "
+                         f"({e})") from e
+    if not callable(fn):
+        raise ValueError(f"online.reward={spec!r} is not callable")
+    return fn
+
+
 def reward_function(c: ConfigDict, *, mesh=None, rules=None) -> Callable:
-    """`(prompt_ids [b, p] left-padded, tokens [b, n], rows) -> scores [b]`: the oracle r* or a
-    reward model (`online.reward`), each one jitted call. `rows` are the training rows of the
+    """`(prompt_ids [b, p] left-padded, tokens [b, n], rows) -> scores [b]`: the oracle r*, a
+    reward model (`online.reward`), each one jitted call, or a named Python/JAX function
+    `module:function` of `(prompt_ids, tokens) -> [b]` (e.g. a verifier,
+    prefjax.data.verifiable). `rows` are the training rows of the
     prompts and samples (`prefjax.eval.scoring_rows`); a reward model reads only them. With a
     mesh, the reward model's parameters are placed on it by `rules`."""
     if c.online.reward == "oracle":
@@ -29,6 +52,9 @@ def reward_function(c: ConfigDict, *, mesh=None, rules=None) -> Callable:
                              "folder (a reward-model run's workdir or its export)")
         oracle = jax.jit(syn.reward_of_samples)
         return lambda prompt_ids, tokens, rows: oracle(prompt_ids, tokens)
+    if is_named_callable(c.online.reward):
+        fn = named_callable(c.online.reward)
+        return lambda prompt_ids, tokens, rows: jnp.asarray(fn(prompt_ids, tokens), jnp.float32)
     from prefjax.models.heads import HEAD_FILE, RewardModel
 
     folder = build.hf_folder(c.online.reward)

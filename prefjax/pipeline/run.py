@@ -17,7 +17,7 @@ from prefjax.losses import records
 from prefjax.paths import as_path
 from prefjax.pipeline import batches as B
 from prefjax.pipeline import evaluation, models, rollouts
-from prefjax.pipeline.export import export
+from prefjax.pipeline.export import adapter_dir, export, export_adapter
 from prefjax.pipeline.extra_rows import extra_rows_dataset
 from prefjax.pipeline.rewards import reward_function
 from prefjax.pipeline.workdir import write_config
@@ -25,7 +25,7 @@ from prefjax.train import build
 from prefjax.train.checkpoint import Checkpointer
 from prefjax.train.loop import fit
 from prefjax.train.state import merge_model
-from prefjax.train.step import build_eval_step, build_train_step
+from prefjax.train.step import build_train_step
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,32 @@ def train(c: ConfigDict, workdir: str) -> dict:
         state = fit(tr.init_state, plan.step, plan.batches, num_steps=t.num_steps,
                     workdir=workdir, checkpointer=ckpt, abstract_state=tr.abstract,
                     shardings=tr.shardings, prepare=plan.prepare, eval_fn=plan.eval_fn,
-                    eval_every=t.eval_every, log_every=t.log_every, frozen_rest=tr.frozen_rest)
+                    eval_every=t.eval_every, log_every=t.log_every, frozen_rest=tr.frozen_rest,
+                    **efficiency_of(c, rec, hp))
     if t.export_hf:
         export(merge_model(state), build.export_dir(workdir), tokenizer)
+        if models.uses_adapters(c) and c.lora.export_adapter:  # also the PEFT adapter folder
+            export_adapter(merge_model(state), adapter_dir(workdir),
+                           base_model=build.init_source(c))
     return dict(plan.last_eval)
+
+
+def efficiency_of(c: ConfigDict, rec: records.Algorithm, hp: dict) -> dict:
+    """fit's `flops` and `peak_flops` (prefjax.train.efficiency): forward + backward, plus a
+    live reference's forward; online, each epoch's update plus the policy and reference scoring
+    forwards (sampling is not counted)."""
+    from prefjax.train import efficiency
+
+    live = rec.needs_reference(hp) and c.reference.mode == "live"
+    passes = 3.0 * c.online.epochs + 2.0 if rec.online else 3.0 + float(live)
+    try:
+        flops = efficiency.model_flops_of(c, passes=passes)
+    except (ValueError, KeyError, TypeError, OSError) as e:  # log without FLOPs
+        log.warning("model FLOPs not logged: %s", e)
+        flops = None
+    dtype = {"bfloat16": "bfloat16"}.get(c.model.dtype, "float32")
+    return {"flops": flops, "peak_flops": efficiency.peak_flops(
+        c.train.get("peak_flops", 0.0), dtype)}
 
 
 def offline_plan(c, rec, loss, tokenizer, train_ds, eval_ds, decoder, reference, optimizer,
@@ -94,32 +116,42 @@ def offline_plan(c, rec, loss, tokenizer, train_ds, eval_ds, decoder, reference,
     hp = c.loss.to_dict()
     collate = B.collate_fn(rec, c, tokenizer.pad_token_id)
     use_ref = rec.needs_reference(hp) and c.reference.mode != "none"
-    live = None
+    live, base_ref = None, False
     if use_ref and c.reference.mode == "precomputed":
         train_ds, eval_ds = B.add_reference_columns(rec, (train_ds, eval_ds), reference, collate,
                                                     c, mesh=mesh, rules=rules, workdir=workdir)
+    elif use_ref and models.uses_adapters(c):  # LoRA: its own base (adapters off) scores
+        base_ref = True
     elif use_ref:
         live = reference()
     tail = rec.tail_key(hp)
     extra = None
     if tail is not None:
         extra = extra_rows_dataset(c, rec, tokenizer, train_ds, reference, workdir, mesh=mesh)
-    if not c.eval.sample:  # nothing reads the reference model any more: free it
+    if not c.eval.sample or models.base_is_reference(c):  # nothing reads it any more: free it
         reference.cache_clear()
+    else:
+        # built now, while the policy it may copy still has its weights: they move into the
+        # train state (`models.trainee`)
+        reference()
+    if B.packing_applies(rec, c, tail):  # after the reference columns: those stay padded
+        collate = B.packed_collate(collate, rec, c)
     batches = B.train_loader(train_ds, collate, c, extra=extra, rec=rec)
     trainee = models.trainee(c, rec, decoder, optimizer=optimizer, mesh=mesh, rules=rules,
-                             live_reference=live)
+                             live_reference=live, base_reference=base_ref)
     kw = dict(mesh=mesh, state_shardings=trainee.shardings, forward=trainee.forward,
               paired=rec.paired, tail_key=tail, process_blocks=1)
     step = build_train_step(loss, optimizer, grad_accum=c.train.grad_accum,
                             max_grad_norm=c.train.max_grad_norm, **kw)
-    held = evaluation.held_out_fn(build_eval_step(loss, **kw),
-                                  B.eval_batches(eval_ds, collate, c, batches), mesh=mesh,
-                                  paired=rec.paired, tail_key=tail)
+    # the loss of the whole held-out set as one batch (token means token-weighted over it)
+    held = evaluation.held_out_set_fn(loss, B.eval_batches(eval_ds, collate, c, batches),
+                                      mesh=mesh, paired=rec.paired, tail_key=tail,
+                                      forward=trainee.forward)
     sampled = None
     if c.eval.sample:
         prompts = B.prompt_batches(eval_ds, c, tokenizer.pad_token_id, c.eval.num_prompts)
-        sampled = evaluation.sampled_fn(c, prompts, reference=reference,
+        ref_fn = (lambda: None) if models.base_is_reference(c) else reference  # None: base
+        sampled = evaluation.sampled_fn(c, prompts, reference=ref_fn,
                                         scorer=reward_function(c, mesh=mesh, rules=rules),
                                         tokenizer=tokenizer, mesh=mesh)
     eval_fn, last = evaluation.combined(held, sampled)
@@ -134,9 +166,10 @@ def online_plan(c, rec, loss, tokenizer, train_ds, eval_ds, decoder, reference, 
                 mesh, rules, workdir) -> Plan:
     """Prompts -> rollouts: sample with the current policy, score, build the loss's batch."""
     del workdir
-    o, pad, eos = c.online, tokenizer.pad_token_id, tokenizer.eos_token_id
+    # every EOS id of the model (generation_config.json may list several)
+    o, pad, eos = c.online, tokenizer.pad_token_id, build.eos_ids(tokenizer, build.init_source(c))
     scorer = reward_function(c, mesh=mesh, rules=rules)
-    ref = reference()
+    ref = None if models.base_is_reference(c) else reference()  # None: adapters off
     trainee = models.trainee(c, rec, decoder, optimizer=optimizer, mesh=mesh, rules=rules)
     step = build_train_step(loss, optimizer, mesh=mesh, state_shardings=trainee.shardings,
                             forward=trainee.forward, grad_accum=c.train.grad_accum,

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -20,6 +22,7 @@ from prefjax import parallel
 from prefjax.data import (
     load_preference_data,
     tokenize_dataset,
+    unpaired,
 )
 from prefjax.data import synthetic as syn
 from prefjax.paths import as_path
@@ -29,7 +32,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # which normalised data format each data kind needs
 KIND_FORMATS = {"pairs": ("pairwise", "hh", "conversational"), "sequences": ("completion",),
-                "prompts": ("prompt_only", "pairwise", "hh", "conversational", "completion")}
+                "prompts": ("prompt_only", "pairwise", "hh", "conversational", "completion"),
+                "unpaired": ("unpaired",)}
 KIND_FORMATS["sft"] = KIND_FORMATS["sequences"]  # the old name of the sequences kind
 
 
@@ -38,12 +42,46 @@ def mesh_and_rules(c: ConfigDict):
     return parallel.make_mesh(c.mesh), parallel.rules_for(c.mesh.strategy)
 
 
+# HF Trainer's `get_decay_parameter_names`: biases and norm weights are not decayed; prefjax's
+# norm modules are `*norm` (Llama: attn_norm, mlp_norm, norm) and `ln_*` (GPT-2: ln_1, ln_2, ln_f)
+_NO_DECAY_MODULE = re.compile(r"norm|^ln(_|$)", re.IGNORECASE)
+WEIGHT_DECAY_MASKS = ("hf", "all")
+
+
+def _key_name(k) -> str:
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def decays(path: tuple) -> bool:
+    """Whether the parameter at pytree `path` is decayed under the "hf" mask: not a bias (last
+    name "bias") and not inside a norm module (a name matching `norm` or `ln_*`). Embeddings,
+    the LM head and every kernel are decayed, as in HF Trainer."""
+    names = [_key_name(k) for k in path if not isinstance(k, jax.tree_util.SequenceKey)]
+    names = [n for n in names if n != "value"]  # nnx.Variable's own field
+    if names and names[-1] == "bias":
+        return False
+    return not any(_NO_DECAY_MODULE.search(n) for n in names[:-1])
+
+
+def weight_decay_mask(params):
+    """`params` pytree -> same tree of bools: True where "hf" weight decay applies (`decays`)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
+
+
 def make_optimizer(t: ConfigDict) -> optax.GradientTransformation:
     """Optimizer of `config.train`: linear warmup then constant or cosine, inside
     `inject_hyperparams` so the learning rate is logged. Clipping is done by the step.
 
-    `train.moment_dtype` "bfloat16" keeps AdamW's two moments in bf16 (stochastically rounded,
-    see `prefjax.train.moments`); "float32" (default) is `optax.adamw` itself."""
+    adamw: `train.b1`, `b2`, `weight_decay` (decoupled, times the learning rate as in torch and
+    optax), applied per `train.weight_decay_mask`: "hf" (default, HF Trainer's rule: no decay on
+    biases and LayerNorm/RMSNorm weights, embeddings decayed; see `decays`) or "all" (every
+    parameter, optax's own default). `train.moment_dtype` "bfloat16" keeps AdamW's two moments
+    in bf16 (stochastically rounded, see `prefjax.train.moments`); "float32" (default) is
+    `optax.adamw` itself.
+    sgd: `train.momentum` (default 0: plain SGD, the default of torch.optim.SGD and optax.sgd;
+    b1/b2 are not read). rmsprop: optax's defaults. Neither decays weights, so a non-zero
+    `weight_decay` (or, off sgd, `momentum`) is an error rather than silently ignored.
+    """
     if t.lr <= 0:
         raise ValueError(f"train.lr must be > 0, got {t.lr}")
     if t.schedule == "constant":
@@ -63,12 +101,27 @@ def make_optimizer(t: ConfigDict) -> optax.GradientTransformation:
     if moments != "float32" and t.optimizer != "adamw":
         raise ValueError(f"train.moment_dtype={moments!r} is only supported with "
                          f"train.optimizer='adamw', got {t.optimizer!r}")
+    momentum = float(t.get("momentum", 0.0))
+    if momentum and t.optimizer != "sgd":
+        raise ValueError(f"train.momentum={momentum} is read only by train.optimizer='sgd' "
+                         f"(got {t.optimizer!r}; AdamW's first-moment decay is train.b1)")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"train.momentum must be in [0, 1), got {momentum}")
+    if t.weight_decay and t.optimizer != "adamw":
+        raise ValueError(f"train.weight_decay={t.weight_decay} is applied only by "
+                         f"train.optimizer='adamw', got {t.optimizer!r}; set it to 0")
+    mask_name = t.get("weight_decay_mask", "hf")
+    if mask_name not in WEIGHT_DECAY_MASKS:
+        raise ValueError(f"train.weight_decay_mask must be one of {WEIGHT_DECAY_MASKS}, got "
+                         f"{mask_name!r}")
+    # no mask without decay: the optimizer state keeps the structure it always had
+    mask = weight_decay_mask if t.weight_decay and mask_name == "hf" else None
     makers = {
         "adamw": lambda learning_rate: adamw(
             learning_rate, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
-            moment_dtype=DTYPES[moments]),
+            moment_dtype=DTYPES[moments], mask=mask),
         "rmsprop": lambda learning_rate: optax.rmsprop(learning_rate),
-        "sgd": lambda learning_rate: optax.sgd(learning_rate, momentum=t.b1),
+        "sgd": lambda learning_rate: optax.sgd(learning_rate, momentum=momentum or None),
     }
     if t.optimizer not in makers:
         raise ValueError(f"train.optimizer must be one of {list(makers)}, got {t.optimizer!r}")
@@ -112,6 +165,27 @@ def load_tokenizer(c: ConfigDict):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def eos_ids(tokenizer, folder: str | os.PathLike | None = None) -> tuple[int, ...]:
+    """Every id that ends a response: the tokenizer's eos_token_id first, then the
+    `eos_token_id` (an int or a list) of the model folder's generation_config.json, or of its
+    config.json when it has none (what HF `generate` stops at; Llama-3-Instruct lists 128001 and
+    128009). `folder`: the HF model folder (`init_source(c)`; None or "tiny": tokenizer only)."""
+    import json
+
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    if folder is not None and str(folder) != "tiny":
+        for name in ("generation_config.json", "config.json"):
+            f = Path(folder) / name
+            if f.exists():
+                e = json.loads(f.read_text()).get("eos_token_id")
+                ids += [int(x) for x in (e if isinstance(e, list) else [] if e is None else [e])]
+                break
+    if not ids:
+        raise ValueError(f"no EOS id: the tokenizer has no eos_token and {folder!r} names none "
+                         "in generation_config.json / config.json")
+    return tuple(dict.fromkeys(ids))  # unique, tokenizer's first
 
 
 def decoder_fn(c: ConfigDict, tokenizer, *, mesh=None, rules=None
@@ -202,7 +276,8 @@ def load_data(c: ConfigDict, tokenizer, kind: str):
     if d.source == "synthetic":
         make = {"pairs": lambda n, s: syn.make_preference_dataset(n, s, labeling=d.labeling),
                 "sequences": syn.make_sft_dataset, "sft": syn.make_sft_dataset,
-                "prompts": syn.make_prompt_dataset}[kind]
+                "prompts": syn.make_prompt_dataset,
+                "unpaired": lambda n, s: unpaired.make_unpaired_dataset(n, s, d.labeling)}[kind]
         train, held = make(d.num_train, c.seed), make(d.num_eval, c.seed + 10_000)
     else:
         train = load_preference_data(d.source, format=d.format, on_bad_row=d.on_bad_row)
@@ -225,4 +300,7 @@ def load_data(c: ConfigDict, tokenizer, kind: str):
               max_response_length=d.max_response_length, over_long=d.over_long)
     train, _ = tokenize_dataset(train, tokenizer, **kw)
     held, _ = tokenize_dataset(held, tokenizer, **kw)
+    if kind == "unpaired":  # the mismatched rows of each block of batch_size rows (KL estimate)
+        train, held = (unpaired.with_kl_completions(ds, c.train.batch_size)
+                       for ds in (train, held))
     return train, held

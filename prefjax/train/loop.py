@@ -20,6 +20,7 @@ import numpy as np
 from prefjax.metrics import MetricsWriter, ProgressBar
 from prefjax.parallel import process_count
 from prefjax.train.checkpoint import Checkpointer
+from prefjax.train.efficiency import EfficiencyWindow, ModelFlops, batch_stats
 from prefjax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -35,15 +36,19 @@ class Window:
     """Running sums of step metrics between two log records (JSON-serialisable for resume)."""
 
     def __init__(self, sums: Mapping[str, float] | None = None, count: int = 0,
-                 tokens: int = 0):
+                 tokens: int = 0, kinds: Mapping[str, int] | None = None):
         self.sums, self.count, self.tokens = dict(sums or {}), count, tokens
+        self.kinds = dict(kinds or {})  # tokens by kind (online: prompt, generated)
         self.t0 = time.perf_counter()
 
-    def add(self, metrics: Mapping[str, float], tokens: int) -> None:
+    def add(self, metrics: Mapping[str, float], tokens: int,
+            kinds: Mapping[str, int] | None = None) -> None:
         for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
         self.tokens += tokens
+        for k, v in (kinds or {}).items():
+            self.kinds[k] = self.kinds.get(k, 0) + v
 
     def means(self) -> dict[str, float]:
         out = {k: v / self.count for k, v in self.sums.items()}
@@ -52,16 +57,35 @@ class Window:
 
     def perf(self) -> dict[str, float]:
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        return {"perf/steps_per_sec": self.count / dt, "perf/tokens_per_sec": self.tokens / dt}
+        return {"perf/steps_per_sec": self.count / dt, "perf/tokens_per_sec": self.tokens / dt,
+                **{f"perf/{k}_tokens_per_sec": v / dt for k, v in self.kinds.items()}}
 
     def to_json(self) -> dict:
-        return {"sums": self.sums, "count": self.count, "tokens": self.tokens}
+        return {"sums": self.sums, "count": self.count, "tokens": self.tokens,
+                "kinds": self.kinds}
 
 
 def _tokens(raw: Batch) -> int:
     """Real tokens in this host's batch times the number of hosts (they hold equal shares)."""
     mask = raw.get("attention_mask") if isinstance(raw, Mapping) else None
     return 0 if mask is None else int(np.sum(np.asarray(mask))) * process_count()
+
+
+def _counted(raw: Batch, prepared: Any) -> int | Mapping[str, Any]:
+    """What a step processed: `prepared["tokens"]` ({kind: global count}, device scalars, e.g.
+    an online rollout's prompt and generated tokens) when `prepare` reports it, else the real
+    tokens of the raw batch (`_tokens`)."""
+    if isinstance(prepared, Mapping) and isinstance(prepared.get("tokens"), Mapping):
+        return prepared["tokens"]
+    return _tokens(raw)
+
+
+def _host_tokens(counted: int | Mapping[str, Any]) -> tuple[int, dict[str, int]]:
+    """(total, by kind) of `_counted`'s result on the host."""
+    if not isinstance(counted, Mapping):
+        return counted, {}
+    kinds = {k: int(v) for k, v in jax.device_get(dict(counted)).items()}
+    return sum(kinds.values()), kinds
 
 
 def fit(
@@ -81,18 +105,26 @@ def fit(
     extra: Mapping[str, Any] | None = None,
     progress: bool | None = None,
     frozen_rest: Callable[[], Any] | None = None,
+    flops: ModelFlops | None = None,
+    peak_flops: float = 0.0,
 ) -> TrainState:
     """Train until `state.step == num_steps`; returns the final state.
 
     init_state: builds the fresh state (called only when the workdir has no checkpoint).
     batches: iterator of host batches with `.state()` / `.restore(dict)` (a `BatchLoader`).
     prepare: `(state, host batch) -> device batch` (e.g. `shard_batch` over the mesh, or an
-        online rollout that samples with the current state).
+        online rollout that samples with the current state). perf/tokens_per_sec counts the
+        host batch's real tokens, or, when the prepared batch is a mapping with a "tokens"
+        entry `{kind: global count}` (online rollouts: every sampled row's prompt tokens and
+        its generated tokens), their sum, with perf/<kind>_tokens_per_sec for each kind.
     eval_fn: `state -> metrics`, run every `eval_every` steps (0: only at the end) and logged
         with an `eval/` prefix in the same record as that step's training metrics.
     extra: JSON-serialisable facts stored with every checkpoint (e.g. the config).
     frozen_rest: on resume, builds the frozen part of `state.rest` that the checkpointer leaves
         out (`Checkpointer(frozen=...)`, e.g. a live reference; `state.place_frozen`).
+    flops, peak_flops: with them, each log record also has perf/model_flops_per_step and
+        perf/mfu against `peak_flops` FLOP/s (> 0); every record has perf/real_tokens_per_sec
+        and perf/padding_fraction of the prepared batches (`prefjax.train.efficiency`).
     abstract_state: the restore target; only its shapes and dtypes are read, so pass an abstract
         state (`abstract_state_for`), never a concrete one kept alive beside the restored copy.
     A step whose metrics have `nonfinite` = 1 (its update was skipped by the step) stops the run
@@ -115,9 +147,11 @@ def fit(
     writer = MetricsWriter(workdir, resume_step=start)
     bar = ProgressBar(num_steps, initial=step, enabled=progress)
     eval_every = eval_every if eval_every > 0 else num_steps
+    efficiency, stats = EfficiencyWindow(flops, peak_flops), None
 
-    def finish(s: int, metrics: Mapping[str, Any], tokens: int, data_pos: dict) -> None:
+    def finish(s: int, metrics: Mapping[str, Any], counted, data_pos: dict) -> None:
         nonlocal window
+        tokens, kinds = _host_tokens(counted)
         host = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
         if host.get("nonfinite", 0.0):
             checkpointer.wait()
@@ -128,14 +162,15 @@ def fit(
                 f"Last good checkpoint: step {last} in {checkpointer.directory} "
                 "(lower the learning rate, check the data, or enable grad clipping; "
                 "re-running resumes from it)")
-        window.add(host, tokens)
+        window.add(host, tokens, kinds)
+        efficiency.add(stats)
         bar.update(s, loss=host.get("loss"), tokens=tokens)
         rec = {}
         if s % eval_every == 0 or s == num_steps:
             if eval_fn is not None:
                 rec.update({f"eval/{k}": float(v) for k, v in eval_fn(state).items()})
         if s % log_every == 0 or s == num_steps or rec:
-            writer.write(s, {**window.means(), **window.perf(), **rec})
+            writer.write(s, {**window.means(), **window.perf(), **efficiency.perf(), **rec})
             window = Window()
         checkpointer.save(s, state, extra={**(extra or {}), "data": data_pos,
                                            "window": window.to_json()},
@@ -148,9 +183,11 @@ def fit(
             raw = next(batches)
             if pending is not None:
                 finish(step, *pending, data_pos)
-            state, metrics = train_step(state, prepare(state, raw))
+            prepared = prepare(state, raw)
+            stats = batch_stats(prepared)  # read by this step's finish(), one iteration later
+            state, metrics = train_step(state, prepared)
             step += 1
-            pending = (metrics, _tokens(raw))
+            pending = (metrics, _counted(raw, prepared))
         if pending is not None:
             finish(step, *pending, batches.state())
         checkpointer.wait()

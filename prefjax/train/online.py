@@ -4,6 +4,10 @@ Online algorithms run through the one pipeline, `prefjax.pipeline` (rollouts in
 `prefjax.pipeline.rollouts`, each algorithm's rollout-to-batch function in its record,
 `prefjax.losses.records`); this module re-exports those pieces under their old names. The
 name lists `LOSS_OF` and `PAIRED` are deprecated: read the records instead.
+
+Samples drawn at `online.temperature` T are scored at T (log-probs from logits / T) for the
+policy, the old policy and the reference, as TRL's PPO does; `online.logps_at_temperature=False`
+scores them at T = 1 (see `prefjax.pipeline.rollouts`).
 """
 
 from __future__ import annotations

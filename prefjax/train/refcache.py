@@ -10,8 +10,9 @@ token ids of the dataset (`data_identity`), (c) the collate / truncation setting
 resume with the same three reuses the values without a forward pass; a change of any misses.
 
 Multi-host: every process holds the whole dataset; each batch of `n` rows is split into equal
-per-process blocks (process p collates rows `p*n/P ..`), `shard_batch` makes them one global
-array, and the result is replicated, so every process ends with the same columns for all rows.
+per-process blocks (process p collates rows `p*n/P ..`), `parallel.global_batch` makes them the
+global array one process would collate (row for row, so the values are bitwise those of one
+process), and the result is replicated, so every process ends with the same columns for all rows.
 """
 
 from __future__ import annotations
@@ -206,6 +207,8 @@ def _compute(dataset, reference, *, mesh, collate, batch_size, k, chunk, rules,
     run = _runner(graphdef, logps, chunk, NamedSharding(mesh, PartitionSpec()))
 
     n_proc, me = parallel.process_count(), parallel.process_index()
+    if n_proc > 1 and k > 2:
+        raise NotImplementedError(f"reference log-probs of {k} row groups over several processes")
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     step = shards // math.gcd(shards, k * n_proc)  # k * n_local * n_proc rows split evenly
     n_local = -(-max(1, -(-batch_size // n_proc)) // step) * step
@@ -219,11 +222,14 @@ def _compute(dataset, reference, *, mesh, collate, batch_size, k, chunk, rules,
         rows = [{c: cols[c][j] for c in cols} for j in range(n_local)]
         batch = {key: v for key, v in collate(rows).items()
                  if key in ("input_ids", "attention_mask", "loss_mask")}
-        got = np.asarray(run(weights, parallel.shard_batch(batch, mesh)), np.float64)
+        # the rows of one process's layout (`[k, n]` column-major groups), so each row sits where
+        # a single process puts it: a row's log-prob may round differently elsewhere
+        got = np.asarray(run(weights, parallel.global_batch(batch, mesh, paired=k == 2)),
+                         np.float64)
         if got.shape != (k * n_batch,):
             raise ValueError(f"reference log-probs have shape {got.shape}; expected "
                              f"({k * n_batch},) = {k} columns x {n_batch} rows")
-        got = got.reshape(n_proc, k, n_local).transpose(1, 0, 2).reshape(k, n_batch)
+        got = got.reshape(k, n_batch)
         if not np.all(np.isfinite(got[:, :real])):
             bad = int(np.flatnonzero(~np.isfinite(got[:, :real]))[0]) % real
             raise ValueError(f"non-finite reference log-prob for dataset row {start + bad}")

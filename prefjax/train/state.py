@@ -121,11 +121,15 @@ def create_train_state(
 def state_from_module(
     model: nnx.Module, optimizer: optax.GradientTransformation, *, mesh: Mesh,
     rules: Rules = DEFAULT_RULES, seed: int = 0, trainable: Any = nnx.Param,
+    donate: bool = False,
 ) -> tuple[TrainState, TrainState]:
     """`(state, shardings)` around an existing module (e.g. weights from `load_hf`).
 
     Parameters are moved onto their shardings and the optimizer state is created sharded; the
-    rng matches `create_train_state(seed=seed)`.
+    rng matches `create_train_state(seed=seed)`. The state's params are new arrays (a second
+    copy of the trainable weights while `model` lives), unless `donate`: they then take over
+    the module's buffers, which are deleted (the module's trainable arrays cannot be read
+    afterwards; its other state is copied as before).
     """
     graphdef, params, rest = _split(model, trainable)
     build = _fresh_state(graphdef, optimizer, seed)
@@ -133,7 +137,8 @@ def state_from_module(
     shardings = state_shardings(jax.eval_shape(build, params, rest), mesh, rules)
     params = jax.device_put(params, shardings.params)
     rest = jax.device_put(rest, shardings.rest)
-    return jax.jit(build, out_shardings=shardings)(params, rest), shardings
+    make = jax.jit(build, out_shardings=shardings, donate_argnums=(0,) if donate else ())
+    return make(params, rest), shardings
 
 
 def abstract_module(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int = 0) -> nnx.Module:

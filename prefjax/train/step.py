@@ -11,11 +11,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prefjax.parallel import BATCH_AXES, DEFAULT_RULES, Rules, batch_shardings
+from prefjax.train.moments import KEEPS_STATE_ON_SKIP
 from prefjax.train.state import TrainState
 from prefjax.typing import Batch, LossFn, Metrics, PolicyOut
 
@@ -54,12 +56,17 @@ def split_microbatches(batch: Batch, k: int, *, paired: bool = True,
     `i*n/k .. (i+1)*n/k`, their rejected partners at the same offsets after n, and tail rows
     `2n + i*m/k ..`, so each micro-batch is itself a valid batch of the same layout, and the
     `tail_key` leaf is split alike. paired=False: contiguous row blocks (the tail key too).
-    Both partition the rows into equal parts, so a loss that is a mean over pairs (rows) gives
-    the same mean of micro-batch losses.
+    Both partition the rows into equal parts. The train step does not average micro-batch
+    losses (a mean of per-micro-batch token means is not the batch's token mean): it evaluates
+    the loss once on the reassembled full-batch outputs (`_loss_and_grads`). Packed rows (keys
+    `packed_*`, `prefjax.data.packing`, already packed per micro-batch) split into k
+    contiguous blocks.
     """
     if k == 1:
         return jax.tree.map(lambda x: x[None], batch)
-    rows = {x.shape[0] for key, x in batch.items() if key != tail_key and jnp.ndim(x)}
+    packed = {key for key in batch if key.startswith("packed_")}
+    rows = {x.shape[0] for key, x in batch.items()
+            if key != tail_key and key not in packed and jnp.ndim(x)}
     if len(rows) != 1:
         raise ValueError(
             "batch leaves disagree on the number of rows: "
@@ -83,6 +90,11 @@ def split_microbatches(batch: Batch, k: int, *, paired: bool = True,
     def split(key, x):
         if key == tail_key:
             return x.reshape(k, m // k, *x.shape[1:])
+        if key in packed:
+            if x.shape[0] % k:
+                raise ValueError(f"batch[{key!r}] has {x.shape[0]} packed rows, not k={k} "
+                                 "blocks (pack with micro_batches=grad_accum)")
+            return x.reshape(k, x.shape[0] // k, *x.shape[1:])
         if jnp.ndim(x) == 0 or x.shape[0] != b:
             raise ValueError(f"batch[{key!r}] has shape {jnp.shape(x)}; expected {b} rows")
         chunks = [x[s:s + n].reshape(k, n // k, *x.shape[1:]) for s, n in parts if n]
@@ -142,38 +154,120 @@ def _learning_rate(opt_state: Any) -> jax.Array | None:
     return jnp.asarray(found[0], jnp.float32) if found else None
 
 
+def _forward_parts(forward: Forward, model: nnx.Module, batch: Batch) -> tuple[PolicyOut, Batch]:
+    """`forward(model, batch)` as `(out, additions)`; additions detached ({} without any)."""
+    res = forward(model, batch)
+    if isinstance(res, PolicyOut):
+        return res, {}
+    out, extra = res
+    return out, jax.lax.stop_gradient(dict(extra))
+
+
+def _check_rows(what: str, tree, rows: int) -> None:
+    """Every leaf of `tree` must be row-leading ([rows, ...]): the step reassembles rows."""
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        if jnp.ndim(x) == 0 or x.shape[0] != rows:
+            raise ValueError(
+                f"grad_accum needs every {what} leaf to have one entry per batch row: "
+                f"{jax.tree_util.keystr(path)} has shape {jnp.shape(x)}, expected ({rows}, ...)")
+
+
+def _row_order(batch: Batch, k: int, paired: bool, tail_key: str | None) -> np.ndarray:
+    """[k, B/k] int: global row index of each micro-batch row (split_microbatches' layout)."""
+    rows = next(x.shape[0] for key, x in batch.items()
+                if key != tail_key and not key.startswith("packed_") and jnp.ndim(x))
+    probe = {"row": np.arange(rows)}
+    if tail_key is not None and tail_key in batch:
+        probe[tail_key] = np.zeros(batch[tail_key].shape[:1])
+    with jax.ensure_compile_time_eval():  # shapes only: a constant, even under jit
+        return np.asarray(split_microbatches(probe, k, paired=paired, tail_key=tail_key)["row"])
+
+
 def _loss_and_grads(loss_fn, forward, state: TrainState, batch: Batch, k: int, paired: bool,
                     tail_key: str | None):
-    """Mean loss, metrics and grads over k micro-batches (`lax.scan` keeps one in memory)."""
+    """Loss, metrics and grads of the whole batch; with k > 1 one micro-batch of activations
+    is in memory at a time, and the result is still the whole batch's (not a mean of k).
 
-    def loss_of(params, mb):
+    k > 1 runs two `lax.scan`s over the k micro-batches:
+      1. forward only: the micro-batch PolicyOuts (and forward additions) are put back in the
+         batch's row order, so `loss_fn(out, batch)` runs once on the full batch: token means,
+         pair means, sorts, stds and every metric are the full batch's, whatever the loss;
+      2. forward + backward: c = d loss / d out (small: [B] and [B, t] leaves) is pulled back
+         through each micro-batch's forward, grad of sum(out_i * c_i), and the k grads summed.
+    By the chain rule that is the full batch's gradient. Cost: one extra forward without
+    gradients per micro-batch (and a live reference in `forward` runs twice).
+    """
+
+    def model_of(params):
         # rest's Variables re-created at this trace level: a remat'd frozen module (a live
         # reference) may write to them inside the grad trace
-        model = nnx.merge(state.graphdef, params, jax.tree.map(lambda x: x, state.rest))
-        out, mb = run_forward(forward, model, mb)
-        return loss_fn(out, mb)
+        return nnx.merge(state.graphdef, params, jax.tree.map(lambda x: x, state.rest))
 
-    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
     if k == 1:
-        (loss, metrics), grads = grad_fn(state.params, batch)
+        def loss_of(params, mb):
+            out, mb = run_forward(forward, model_of(params), mb)
+            return loss_fn(out, mb)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params, batch)
         return loss, metrics, grads
 
     mbs = split_microbatches(batch, k, paired=paired, tail_key=tail_key)
+    order = _row_order(batch, k, paired, tail_key)  # [k, b]
+    b = order.shape[1]
     # Keep each micro-batch split over the batch axes (the split itself moves rows around).
     n = _batch_shards()
-    mbs = jax.tree.map(
-        lambda x: jax.lax.with_sharding_constraint(
-            x, PartitionSpec(None, BATCH_AXES) if x.shape[1] % n == 0 else PartitionSpec()),
-        mbs)
 
-    def body(acc, mb):
-        (loss, metrics), grads = grad_fn(state.params, mb)
-        return jax.tree.map(jnp.add, acc, grads), (loss, metrics)
+    def constrain(x):
+        return jax.lax.with_sharding_constraint(
+            x, PartitionSpec(None, BATCH_AXES) if x.shape[1] % n == 0 else PartitionSpec())
+
+    mbs = jax.tree.map(constrain, mbs)
+
+    def outputs(_, mb):
+        out, extra = _forward_parts(forward, model_of(state.params), mb)
+        _check_rows("PolicyOut", out, b)
+        _check_rows("forward addition", extra, b)
+        return None, (out, extra)
+
+    _, (outs, extras) = jax.lax.scan(outputs, None, mbs)
+    inverse = np.argsort(order.reshape(-1))
+    out, extra = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[inverse], (outs, extras))
+    full = {**batch, **extra}
+    leaves, treedef = jax.tree.flatten(out)
+    # integer leaves (a forward's int lengths) carry no gradient: constants of the loss
+    diff = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
+
+    def loss_of_out(xs):
+        it = iter(xs)
+        return loss_fn(treedef.unflatten([next(it) if d else x for x, d in zip(leaves, diff)]),
+                       full)
+
+    (loss, metrics), cot = jax.value_and_grad(loss_of_out, has_aux=True)(
+        [x for x, d in zip(leaves, diff) if d])
+    cot = jax.tree.map(lambda c: constrain(c[order]), cot)  # [k, b, ...] like mbs
+
+    def pullback(params, mb, cs):
+        out, _ = _forward_parts(forward, model_of(params), mb)
+        xs = [x for x, d in zip(jax.tree.leaves(out), diff) if d]
+        return sum(jnp.sum(x.astype(jnp.float32) * jax.lax.stop_gradient(c).astype(jnp.float32))
+                   for x, c in zip(xs, cs, strict=True))
+
+    grad_fn = jax.grad(pullback)
+
+    def body(acc, xs):
+        return jax.tree.map(jnp.add, acc, grad_fn(state.params, *xs)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, (losses, metrics) = jax.lax.scan(body, zeros, mbs)
-    grads = jax.tree.map(lambda g: g / k, grads)
-    return losses.mean(), jax.tree.map(lambda v: v.mean(0), metrics), grads
+    grads, _ = jax.lax.scan(body, zeros, (mbs, cot))
+    return loss, metrics, grads
+
+
+def _keep_on_skip(bad: jax.Array, new: Any, old: Any) -> Any:
+    """Optimizer state `old` where `bad`, else `new`; nodes of a skip-aware optimizer
+    (`moments.KEEPS_STATE_ON_SKIP`) are taken as they are (they already equal `old`)."""
+    kept = lambda x: isinstance(x, KEEPS_STATE_ON_SKIP)  # noqa: E731
+    return jax.tree.map(lambda n, o: n if kept(n) else jnp.where(bad, o, n), new, old,
+                        is_leaf=kept)
 
 
 def _batch_shards() -> int:
@@ -195,13 +289,15 @@ def build_train_step(
     `state.params` only, optional global-norm clipping, optax update.
     Batch leaves `[B, ...]` are split over ("data", "fsdp"); with `grad_accum=k`, B is split
     into k micro-batches (`split_microbatches`, `paired` and `tail_key` as there: a batch with
-    a tail row group, e.g. an algorithm record's extra rows, names its flag key) and grads /
-    metrics are
-    averaged. Metrics add `loss`, `grad_norm` (before clipping), `nonfinite` (1.0 when the loss
-    or grad norm is NaN/inf: the update is then skipped and `state` returned unchanged, so the
-    caller can stop while the last good state survives) and `learning_rate` when the optimizer
-    is wrapped in `optax.inject_hyperparams`. `rules` is accepted for the builder's symmetry with
-    state creation; parameter placement comes from `state_shardings`.
+    a tail row group, e.g. an algorithm record's extra rows, names its flag key) and the loss,
+    metrics and grads are still exactly those of the whole batch, for any loss (token means,
+    sorts and batch stds included; see `_loss_and_grads`), at the cost of one extra forward
+    without gradients per micro-batch. Metrics add `loss`, `grad_norm` (before clipping),
+    `nonfinite` (1.0 when the loss or grad norm is NaN/inf: the update is then skipped and
+    `state` returned unchanged, so the caller can stop while the last good state survives) and
+    `learning_rate` when the optimizer is wrapped in `optax.inject_hyperparams`. `rules` is
+    accepted for the builder's symmetry with state creation; parameter placement comes from
+    `state_shardings`.
     process_blocks (default `jax.process_count()`): the global batch is that many per-process
     pairwise batches (see `gather_process_blocks`); they are regrouped before the forward.
     Pass 1 when the batch is already in global order (`prefjax.pipeline.batches.global_batch`).
@@ -223,11 +319,18 @@ def build_train_step(
         if max_grad_norm is not None:
             scale = jnp.minimum(1.0, max_grad_norm / jnp.maximum(grad_norm, 1e-12))
             grads = jax.tree.map(lambda g: g * scale, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
         bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
-        new = jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, state)
+        updates, opt_state = optax.with_extra_args_support(optimizer).update(
+            grads, state.opt_state, state.params, skip=bad)
+        # Skipping without selecting the old params or moments back: such a select reads the
+        # old buffers after the update has written the new ones in place, and XLA copies them
+        # all (+2x params of temporaries with AdamW). Zero updates leave the params bitwise
+        # unchanged; a skip-aware optimizer (`moments.adamw`) keeps its own state.
+        updates = jax.tree.map(lambda u: jnp.where(bad, jnp.zeros_like(u), u), updates)
+        params = optax.apply_updates(state.params, updates)
+        new = state.replace(params=params, opt_state=_keep_on_skip(bad, opt_state,
+                                                                   state.opt_state),
+                            step=state.step + jnp.where(bad, 0, 1).astype(state.step.dtype))
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
                    "nonfinite": bad.astype(jnp.float32)}
         lr = _learning_rate(opt_state)

@@ -167,7 +167,8 @@ def shaped_rewards(scores, logps, ref_logps, mask, *, kl_coef, estimator="k1"):
         for j in range(t):
             if mask[i][j]:
                 k1 = float(logps[i][j]) - float(ref_logps[i][j])
-                k = k1 if estimator == "k1" else math.exp(-k1) - 1 + k1
+                k = (k1 if estimator == "k1" else 0.5 * k1 * k1 if estimator == "k2"
+                     else math.exp(-k1) - 1 + k1)
                 r[i, j] = -kl_coef * k
                 last = j
         if last is not None:

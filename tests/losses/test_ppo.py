@@ -27,7 +27,7 @@ def rollout(seed, b=4, t=9):
                 scores=f(b))
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_shaped_rewards_match_numpy(estimator):
     d = rollout(0)
     got = losses.kl_shaped_rewards(d["scores"], d["logps"], d["ref"], d["mask"], kl_coef=0.05,
@@ -145,3 +145,41 @@ def test_rollout_metrics_match_numpy():
     np.testing.assert_allclose(m["objective/kl"], kl.mean(), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(m["objective/rlhf_reward"],
                                np.mean(d["scores"] - 0.05 * kl), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_rollout_kl_uses_the_estimator(estimator):
+    d = rollout(9)
+    m = losses.rollout_metrics(d["scores"], d["logps"], d["ref"], d["mask"], kl_coef=0.1,
+                               estimator=estimator)
+    k1 = (d["logps"].astype(np.float64) - d["ref"])
+    k = {"k1": k1, "k2": 0.5 * k1 ** 2, "k3": np.expm1(-k1) + k1}[estimator]
+    kl = (k * d["mask"]).sum(-1)
+    np.testing.assert_allclose(m["objective/kl"], kl.mean(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(m["objective/rlhf_reward"], np.mean(d["scores"] - 0.1 * kl),
+                               rtol=RTOL, atol=ATOL)
+
+
+def test_unknown_kl_estimator_fails():
+    with pytest.raises(ValueError, match="k1, k2, k3|'k1', 'k2', 'k3'"):
+        losses.kl_penalty(jnp.zeros(2), jnp.zeros(2), estimator="k4")
+
+
+def test_adaptive_kl_controller_matches_its_closed_form():
+    """Ziegler et al. (2019): beta' = beta (1 + clip(KL/target - 1, -0.2, 0.2) n / H); for a
+    constant KL, m updates give beta (1 + e n / H)^m."""
+    from prefjax.losses.ppo import adaptive_kl_coef
+
+    target, horizon, n = 6.0, 10000.0, 512
+    for kl, e in [(7.5, 0.2), (6.6, 0.1), (6.0, 0.0), (5.1, -0.15),
+                  (0.3, -0.2), (100.0, 0.2)]:
+        beta = 0.2
+        with jax.enable_x64(True):
+            for _ in range(25):
+                beta = adaptive_kl_coef(beta, kl, n, target=target, horizon=horizon)
+        np.testing.assert_allclose(beta, 0.2 * (1 + e * n / horizon) ** 25, rtol=1e-12)
+    # jnp scalars (the rollout's traced form) agree with the float form
+    got = adaptive_kl_coef(jnp.float32(0.05), jnp.float32(3.0), 64, target=2.0, horizon=100.0)
+    np.testing.assert_allclose(got, 0.05 * (1 + 0.2 * 64 / 100), rtol=1e-6)
+    with pytest.raises(ValueError, match="target > 0"):
+        adaptive_kl_coef(0.1, 1.0, 8, target=0.0, horizon=10.0)

@@ -22,7 +22,7 @@ from prefjax.config import base_config
 from prefjax.parallel import make_mesh
 from prefjax.train.build import make_optimizer
 from prefjax.train.checkpoint import Checkpointer
-from prefjax.train.moments import scale_by_adam_lowp, stochastic_round
+from prefjax.train.moments import AdamWState, adamw, stochastic_round
 from prefjax.train.reference import POLICY_PARAMS, WithReference
 from prefjax.train.state import (
     FROZEN_REFERENCE,
@@ -184,10 +184,10 @@ def assert_update(got, p, m, v, t):
 
 
 def adam_leaf(opt_state):
-    """The ScaleByAdamState inside make_optimizer's inject_hyperparams(chain(...)) state."""
+    """The AdamWState inside make_optimizer's inject_hyperparams(...) state."""
     return next(s for s in jax.tree.leaves(
-        opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-        if isinstance(s, optax.ScaleByAdamState))
+        opt_state, is_leaf=lambda x: isinstance(x, AdamWState))
+        if isinstance(s, AdamWState))
 
 
 def grads(n, size=64, seed=0):
@@ -235,12 +235,12 @@ def test_bf16_moments_are_bf16_and_within_bf16_rounding_of_float64():
 def test_bf16_second_moment_tracks_float32_over_many_steps():
     """b2 = 0.999 changes nu by 1e-3 per step, under half a bf16 ulp: round-to-nearest would
     freeze it. Stochastic rounding keeps the stored nu unbiased."""
-    tx = scale_by_adam_lowp(0.9, 0.999, moment_dtype=jnp.bfloat16)
+    tx = adamw(1e-3, 0.9, 0.999, weight_decay=0.0, moment_dtype=jnp.bfloat16)
     g = jnp.asarray(np.exp(np.random.default_rng(0).normal(0, 2, 512)), jnp.float32)
     n = 3000
 
     def body(s, _):
-        _, s = tx.update(g, s)
+        _, s = tx.update(g, s, g)
         return s, None
 
     s, _ = jax.lax.scan(body, tx.init(g), None, length=n)
@@ -271,6 +271,77 @@ def test_moment_dtype_is_validated():
     t.update(optimizer="sgd", moment_dtype="bfloat16")
     with pytest.raises(ValueError, match="only supported with train.optimizer='adamw'"):
         make_optimizer(t)
+
+
+def test_float32_adamw_equals_optax_adamw_with_a_decay_mask():
+    """The fused update is optax.adamw's arithmetic: equal up to XLA's multiply-add contraction
+    (a float32 ulp), over steps with a warmup schedule and a mask that spares one leaf."""
+    r = np.random.default_rng(0)
+    params = {"w": jnp.asarray(r.normal(size=(32, 8)), jnp.float32),
+              "b": jnp.asarray(r.normal(size=(8,)), jnp.float32)}
+    sched, mask = optax.linear_schedule(0.0, 1e-2, 3), {"w": True, "b": False}
+    ours = optax.inject_hyperparams(
+        lambda learning_rate: adamw(learning_rate, weight_decay=0.1, mask=mask))(
+        learning_rate=sched)
+    ref = optax.inject_hyperparams(
+        lambda learning_rate: optax.adamw(learning_rate, weight_decay=0.1, mask=mask))(
+        learning_rate=sched)
+    p1 = p2 = params
+    s1, s2 = ours.init(params), ref.init(params)
+    step1 = jax.jit(lambda g, s, p: ours.update(g, s, p, skip=jnp.asarray(False)))
+    for _ in range(6):
+        g = jax.tree.map(lambda x: jnp.asarray(r.normal(size=x.shape) * 3, jnp.float32), params)
+        u1, s1 = step1(g, s1, p1)
+        u2, s2 = ref.update(g, s2, p2)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+    inner = s2.inner_state[0]
+    for got, want in [(p1, p2), (adam_leaf(s1).mu, inner.mu), (adam_leaf(s1).nu, inner.nu)]:
+        for k in params:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=2e-7)
+    assert int(adam_leaf(s1).count) == int(inner.count) == 6
+
+
+@pytest.mark.parametrize("moment_dtype", ["float32", "bfloat16"])
+def test_skipped_update_keeps_the_state_bitwise_and_moves_nothing(moment_dtype):
+    opt = optimizer(moment_dtype)
+    p = jnp.asarray(np.random.default_rng(1).normal(size=64), jnp.float32)
+    s = opt.init(p)
+    for g in grads(3):  # some history, so the moments are not zeros
+        u, s = opt.update(jnp.asarray(g, jnp.float32), s, p, skip=jnp.asarray(False))
+        p = optax.apply_updates(p, u)
+    for bad in (np.nan, np.inf):
+        u, s2 = opt.update(jnp.full(64, bad, jnp.float32), s, p, skip=jnp.asarray(True))
+        assert np.all(np.asarray(u) == 0)
+        for a, b in zip(jax.tree.leaves(adam_leaf(s2)), jax.tree.leaves(adam_leaf(s))):
+            assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_skip_aware_update_needs_no_temporaries_where_a_select_copies_the_moments():
+    """Compiled with the state donated: the fused skip-aware update runs in place (no
+    temporaries), while optax.adamw guarded by selecting the old state back makes XLA copy
+    the moments. What the train step relies on for its memory (benchmarks/README.md)."""
+    shapes = [(512, 512), (512, 512), (512,)]
+    params = [jax.ShapeDtypeStruct(x, jnp.float32) for x in shapes]
+
+    def temporaries(opt, guard):
+        def step(p, s, g):
+            bad = ~jnp.isfinite(optax.global_norm(g))
+            if guard == "skip":
+                u, s1 = opt.update(g, s, p, skip=bad)
+                return optax.apply_updates(p, u), s1
+            u, s1 = opt.update(g, s, p)
+            new = (optax.apply_updates(p, u), s1)
+            return jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, (p, s))
+
+        state = jax.eval_shape(opt.init, params)
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    param_bytes = sum(4 * np.prod(x) for x in shapes)
+    assert temporaries(adamw(1e-3), "skip") < 0.01 * param_bytes
+    # bf16 moments too: the stochastic rounding's random bits are fused, not materialized
+    assert temporaries(adamw(1e-3, moment_dtype=jnp.bfloat16), "skip") < 0.01 * param_bytes
+    assert temporaries(optax.adamw(1e-3), "select") > 0.9 * param_bytes
 
 
 # ---- resume peak memory -----------------------------------------------------------------------

@@ -72,6 +72,8 @@ def test_online_prompts_config_trains_a_local_hf_policy_against_a_local_reward_m
         c.data.source = str(tmp_path / "prompts.jsonl")
         c.data.eval_fraction = 0.34
         c.eval.num_prompts = 16
+        if algo == "ppo":  # the value model from the reward model, on its own trunk (TRL)
+            c.online.value_model = "reward"
         work = tmp_path / f"run_{algo}"
         final = run(c, str(work))
         assert np.isfinite(final["reward"]) and np.isfinite(final["kl"])

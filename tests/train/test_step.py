@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -156,6 +157,37 @@ def test_grad_accum_equals_full_batch(mesh_fn, real):
         np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-7, err_msg=key)
     for a, b in zip(p1, p2):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=max(1e-7, 1e-5 * np.abs(b).max()))
+
+
+def _live_ref_forward(model, batch):
+    """A forward that also returns batch keys (as a live reference does): ref_logps [b]."""
+    out = forward(model, batch)
+    return out, {"ref_logps": out.logps - 1.0 - batch["loss_mask"].sum(-1)}
+
+
+def test_grad_accum_with_forward_additions_equals_full_batch():
+    """Additions computed per micro-batch are reassembled in the batch's row order (and
+    detached) before the loss sees them: k=2 == one batch."""
+    batch = pair_batch(8, seed=5)
+    out = []
+    for k in (1, 2):
+        state, _, step = setup(mesh1(), opt=optax.sgd(LR), grad_accum=k, fwd=_live_ref_forward)
+        state, m = step(state, batch)
+        out.append(({key: float(v) for key, v in m.items()}, leaves(state.params)))
+    (m1, p1), (m2, p2) = out
+    for key in m1:
+        np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    for a, b in zip(p1, p2):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=max(1e-7, 1e-5 * np.abs(b).max()))
+
+
+def test_grad_accum_rejects_outputs_without_one_entry_per_row():
+    def scalar_addition(model, batch):
+        return forward(model, batch), {"ref_total": jnp.zeros(())}
+
+    state, _, step = setup(mesh1(), grad_accum=2, fwd=scalar_addition)
+    with pytest.raises(ValueError, match="one entry per batch row.*ref_total"):
+        step(state, pair_batch(4))
 
 
 def test_compiles_once_for_same_shapes():
