@@ -2,8 +2,8 @@
 weights and jsonl, compute the same loss at every step (DPO with AdamW, IPO with plain SGD).
 
 TRL runs in its own environment (benchmarks/.venv-trl), created here with `make bench-trl-env`
-when missing: the one test that needs the package registries (CI has them; set
-PREFJAX_SKIP_TRL=1 to skip it on a machine without them). The checkpoint is a tiny random Qwen2
+when missing: the one test that needs the package registries (CI has them; without them it
+fails, saying so). The checkpoint is a tiny random Qwen2
 (transformers + torch, `save_pretrained`) with a character-level tokenizer, the data 8 pairs of
 short strings; configs/trl_parity.py and tests/trl_parity_worker.py hold the matched settings.
 """
@@ -41,8 +41,6 @@ pytestmark = pytest.mark.slow
 def trl_python() -> Path:
     """TRL's interpreter, building its environment first when it is missing (one builder at a
     time across test workers: a file lock)."""
-    if os.environ.get("PREFJAX_SKIP_TRL"):
-        pytest.skip("PREFJAX_SKIP_TRL is set")
     lock = Path(tempfile.gettempdir()) / "prefjax-trl-env.lock"
     with open(lock, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -50,8 +48,8 @@ def trl_python() -> Path:
             r = subprocess.run(["make", "bench-trl-env"], cwd=ROOT, capture_output=True,
                                text=True, timeout=1800)
             if r.returncode:
-                pytest.fail(f"`make bench-trl-env` failed (it needs the package registries; "
-                            f"PREFJAX_SKIP_TRL=1 skips this test):\n{r.stdout[-3000:]}\n"
+                pytest.fail(f"`make bench-trl-env` failed (it needs the package "
+                            f"registries):\n{r.stdout[-3000:]}\n"
                             f"{r.stderr[-3000:]}")
     return TRL_VENV / "bin" / "python"
 
