@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 from prefjax import parallel
 from prefjax.losses.records import Algorithm
 from prefjax.paths import as_path
+from prefjax.train import build
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ def extra_rows_dataset(c: ConfigDict, rec: Algorithm, tokenizer, train_ds, refer
                               batch_size=c.train.batch_size, seed=c.seed,
                               max_new_tokens=min(d.max_response_length,
                                                  d.max_length - d.max_prompt_length),
-                              tokenizer=tokenizer, prompt_len=d.max_prompt_length, mesh=mesh)
+                              tokenizer=tokenizer, prompt_len=d.max_prompt_length, mesh=mesh,
+                              eos_id=build.eos_ids(tokenizer, build.init_source(c)))
         if parallel.is_main_process():
             ds.save_to_disk(str(path))  # written whole, then visible (datasets writes a tmp dir)
         return ds
@@ -61,9 +63,11 @@ def extra_rows_dataset(c: ConfigDict, rec: Algorithm, tokenizer, train_ds, refer
 
 
 def generate_samples(model: nnx.Module, prompts_ds, *, num: int, batch_size: int, seed: int,
-                     max_new_tokens: int, tokenizer, prompt_len: int, mesh=None):
+                     max_new_tokens: int, tokenizer, prompt_len: int, mesh=None,
+                     eos_id: int | tuple[int, ...] | None = None):
     """`num` rows {prompt_ids, completion_ids}: one temperature-1 sample from `model` per
-    prompt of `prompts_ds` (its `prompt_ids` column, cycled in a seeded order).
+    prompt of `prompts_ds` (its `prompt_ids` column, cycled in a seeded order); a response
+    ends at any of `eos_id` (default: the tokenizer's EOS).
 
     With several processes each samples its share of every prompt batch and the shares are
     joined on the mesh (`parallel.global_batch`); every process ends with the same rows."""
@@ -72,7 +76,7 @@ def generate_samples(model: nnx.Module, prompts_ds, *, num: int, batch_size: int
     from prefjax.data import collate_prompts
     from prefjax.sampling import sample
 
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id if eos_id is None else eos_id
     order = np.random.default_rng([seed, 3]).permutation(len(prompts_ds))
     order = np.resize(order, -(-num // batch_size) * batch_size)
     key = jax.random.key(seed + 3)

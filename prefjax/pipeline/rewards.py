@@ -73,20 +73,21 @@ def reward_function(c: ConfigDict, *, mesh=None, rules=None) -> Callable:
 
 def eval_reward_fn(c: ConfigDict, tokenizer, reward_fn: Callable | None = None) -> Callable:
     """`(prompt_ids, tokens) -> [b]` from `reward_function`, rebuilding the rows from
-    `prompt_ids != pad` and the first EOS. Kept for callers of the two-argument form
-    (`prefjax.eval.sample_metrics(reward_fn=...)`); it cannot see a prompt token equal to the
-    pad id (pad = EOS tokenizers), so the pipeline passes `reward_function` as `scorer`."""
+    `prompt_ids != pad` and the first of the EOS ids (`build.eos_ids`). Kept for callers of
+    the two-argument form (`prefjax.eval.sample_metrics(reward_fn=...)`); it cannot see a
+    prompt token equal to the pad id (pad = EOS tokenizers), so the pipeline passes
+    `reward_function` as `scorer`."""
     reward_fn = reward_fn or reward_function(c)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad, eos = tokenizer.pad_token_id, build.eos_ids(tokenizer, build.init_source(c))
     return lambda p, t: reward_fn(p, t, _rows(p, t, pad, eos))
 
 
 @functools.partial(jax.jit, static_argnames=("pad_id", "eos_id"))
-def _rows(prompt_ids, tokens, pad_id, eos_id):
+def _rows(prompt_ids, tokens, pad_id, eos_id: int | tuple[int, ...]):
     from prefjax.sampling import Samples
 
     tokens = jnp.asarray(tokens)
-    eos = tokens == eos_id
+    eos = jnp.isin(tokens, jnp.asarray(eos_id))
     mask = (jnp.cumsum(eos, axis=1) - eos == 0).astype(jnp.int32)
     s = Samples(tokens, mask, jnp.zeros(mask.shape, jnp.float32), mask.sum(1))
     prompt_mask = (jnp.asarray(prompt_ids) != pad_id).astype(jnp.int32)

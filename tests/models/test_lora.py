@@ -112,11 +112,15 @@ def test_whole_model_gradient_matches_finite_differences(scan):
         adapted = trained(model, lora.LoRASpec(rank=2))
         graphdef, params, rest = nnx.split(adapted, lora.LoRAParam, ...)
         r = np.random.default_rng(0).normal(size=(2, 7, 16))
+        # token ids as an explicit int32 device array: from int64 NumPy ids, jax 0.10 under
+        # enable_x64 reuses an int64 `take` executable for an int32 buffer (RuntimeProgramInput
+        # Mismatch) once an earlier test has compiled it
+        ids = jnp.asarray(IDS, jnp.int32)
 
         def f(p):
-            return jnp.sum(nnx.merge(graphdef, p, rest).hidden_states(IDS)[0] * r)
+            return jnp.sum(nnx.merge(graphdef, p, rest).hidden_states(ids)[0] * r)
 
-        grads = jax.grad(f)(params)  # eager: jit under enable_x64 mis-lowers a cached take
+        grads = jax.grad(f)(params)
         d = jax.tree.map(lambda v: np.random.default_rng(1).normal(size=v.shape), params)
         eps = 1e-5
         fd = (f(jax.tree.map(lambda p, v: p + eps * v, params, d))

@@ -154,10 +154,17 @@ def _step(name, hparams, batch, k, model_fn, paired):
             [np.asarray(x) for x in jax.tree.leaves(state.params)])
 
 
-@pytest.mark.parametrize("k", [1, 2])
-@pytest.mark.parametrize("name,hparams", PACKED_LOSSES,
-                         ids=[f"{n}-{'-'.join(map(str, h.values())) or 'defaults'}"
-                              for n, h in PACKED_LOSSES])
+# k = 2 (two micro-batches, each packed on its own) for the losses with token-weighted terms or
+# batch statistics; that accumulation is exact for every loss is tests/train/
+# test_accumulation_exact.py's check, so the other losses run at k = 1 only
+ACCUMULATED = {"sft": {}, "dpo": {"loss_type": "ipo", "rpo_alpha": 0.5}, "orpo": {},
+               "mpo": {"alpha": 0.0}, "p3o": {}}
+STEP_CASES = [(n, h, 1) for n, h in PACKED_LOSSES] + [(n, h, 2) for n, h in ACCUMULATED.items()]
+
+
+@pytest.mark.parametrize("name,hparams,k", STEP_CASES,
+                         ids=[f"{n}-{'-'.join(map(str, h.values())) or 'defaults'}-{k}"
+                              for n, h, k in STEP_CASES])
 def test_packed_step_equals_padded(name, hparams, k):
     """Same loss, metrics and parameter update (so the same gradients) from one train step."""
     paired = name != "sft"
@@ -171,13 +178,14 @@ def test_packed_step_equals_padded(name, hparams, k):
     assert m1.keys() == m2.keys() and m1["nonfinite"] == 0.0
     for key in m1:
         np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
-    moved = 0.0
-    for a0, a1, a2 in zip(p0, p1, p2, strict=True):
-        delta = np.abs(a1 - a0).max()
-        ulp = 2 * np.finfo(np.float32).eps * np.abs(a0).max()  # rounding of the updated value
-        np.testing.assert_allclose(a2 - a0, a1 - a0, rtol=1e-4, atol=1e-4 * delta + ulp)
-        moved = max(moved, delta)
+    # the tolerance scales with the largest update of the step, not each array's own: an array
+    # whose exact gradient is 0 (the reward head's bias cancels in r_chosen - r_rejected) moves
+    # by rounding noise alone, which packing may change
+    moved = max(np.abs(a1 - a0).max() for a0, a1 in zip(p0, p1, strict=True))
     assert moved > 1e-5
+    for a0, a1, a2 in zip(p0, p1, p2, strict=True):
+        ulp = 2 * np.finfo(np.float32).eps * np.abs(a0).max()  # rounding of the updated value
+        np.testing.assert_allclose(a2 - a0, a1 - a0, rtol=1e-4, atol=1e-5 * moved + ulp)
 
 
 def test_packed_dpo_smoke_run_through_the_cli(tmp_path):

@@ -178,6 +178,34 @@ def test_sampled_eval_scores_the_samplers_true_rows_when_pad_is_eos():
     assert old["reward"] < out["reward"]
 
 
+def test_eval_reward_rows_end_at_any_eos_id_of_the_model_folder(tmp_path):
+    """The two-argument reward form cuts each response at the first of the folder's EOS ids
+    (generation_config.json lists two, as Llama-3-Instruct does), not the tokenizer's alone."""
+    import json
+
+    import jax.numpy as jnp
+
+    from prefjax.pipeline.rewards import eval_reward_fn
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 3]}))
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 2
+
+    c = load_config(ROOT / "configs" / "dpo_synthetic.py", "smoke")
+    c.model.init_from = str(tmp_path)
+    seen = []
+
+    def scorer(p, t, rows):
+        seen.append(np.asarray(rows["loss_mask"]))
+        return rows["loss_mask"].sum(1).astype(jnp.float32)
+
+    prompts = jnp.array([[5, 6], [7, 8]])
+    tokens = jnp.array([[9, 3, 9, 2, 9], [9, 9, 2, 3, 9]])  # row 0 ends at 3, row 1 at 2
+    got = eval_reward_fn(c, Tok(), scorer)(prompts, tokens)
+    np.testing.assert_array_equal(np.asarray(got), [2, 3])  # the EOS itself is scored
+
+
 def test_live_bf16_reference_resumes_like_an_uninterrupted_run(tmp_path):
     """A live reference (kept in bf16, rebuilt from its source on resume, not checkpointed):
     2 steps, then the same workdir extended to 4, logs what 4 uninterrupted steps log."""
