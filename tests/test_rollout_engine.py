@@ -127,6 +127,32 @@ def test_stops_at_any_of_several_eos_ids(llama):
     assert int(out.lengths[0]) == 3 and int(out.lengths[1]) == 2
 
 
+def test_generated_reference_samples_end_at_any_eos_id(llama):
+    """MPO's generated reference samples (`extra_rows.generate_samples`) stop at the first of
+    several EOS ids: each stored completion is the single-EOS run's row cut at that point."""
+    import datasets
+
+    from prefjax.pipeline.extra_rows import generate_samples
+
+    rng = np.random.default_rng(16)
+    ds = datasets.Dataset.from_dict({"prompt_ids": [rng.integers(14, V, n).tolist()
+                                                    for n in LENS16[:8]]})
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=V - 1)
+    kw = dict(num=8, batch_size=8, seed=5, max_new_tokens=N, tokenizer=tok, prompt_len=P)
+    free = generate_samples(llama, ds, **kw)["completion_ids"]
+    # the tokenizer's EOS first (as `build.eos_ids` lists them), then two ids that rows 0 and 1
+    # draw before their end
+    eos = (V - 1, free[0][2], free[1][1])
+    got = generate_samples(llama, ds, eos_id=eos, **kw)["completion_ids"]
+    cut = []
+    for row, out in zip(free, got):
+        hit = [i for i, t in enumerate(row) if t in eos]
+        want = row[:hit[0] + 1] if hit else row
+        assert out == want
+        cut.append(len(want) < len(row))
+    assert sum(cut) >= 2  # the several ids really stopped rows early
+
+
 def test_continuous_sharded_8_devices_equals_single_device(llama):
     model = llama
     ids, mask = prompts(LENS16[:8], seed=15)
