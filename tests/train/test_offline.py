@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -164,7 +165,7 @@ def write_hh(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["dpo_hh", "mpo_hh"])
+@pytest.mark.parametrize("name", ["dpo_hh", "mpo_hh", "dpo_lora_hh"])
 def test_hh_configs_train_a_local_hf_model_on_local_hh_data(tmp_path, name):
     from tests.models.hf_fixtures import make_tiny_checkpoint
 
@@ -185,6 +186,10 @@ def test_hh_configs_train_a_local_hf_model_on_local_hh_data(tmp_path, name):
 
     exported, tok = load_hf(tmp_path / "run" / "export")
     assert tok is not None and exported.config.vocab_size == 160
+    if name == "dpo_lora_hh":  # merged export and a PEFT adapter folder over the HF base
+        config = json.loads((tmp_path / "run" / "export_adapter" / "adapter_config.json")
+                            .read_text())
+        assert config["base_model_name_or_path"] == str(model) and config["r"] == 16
 
 
 def test_unknown_config_argument_fails_naming_it():
