@@ -144,6 +144,9 @@ def base_config() -> ConfigDict:
     c.train.save_every = 50
     c.train.keep_checkpoints = 2
     c.train.best_metric = ""  # e.g. "eval/loss": also keep the best checkpoint by it
+    # GB of arrays Orbax writes (and restores) at once per process: bounds the host memory a
+    # save adds (Orbax's default, 96, copies the whole state at once)
+    c.train.checkpoint_write_gb = 1
     c.train.export_hf = True  # write the final policy as an HF folder (save_hf) in workdir/export
     # peak FLOP/s of the whole mesh for the logged perf/mfu: 0 = the TPU chip table (plan.CHIPS)
     # times the devices, else one measured matmul; < 0 = no MFU

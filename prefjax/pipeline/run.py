@@ -77,7 +77,7 @@ def train(c: ConfigDict, workdir: str) -> dict:
     t, tr = c.train, plan.trainee
     ckpt = Checkpointer(as_path(workdir) / "checkpoints", keep=t.keep_checkpoints,
                         save_every=t.save_every, best_metric=t.best_metric or None,
-                        frozen=tr.frozen)
+                        frozen=tr.frozen, write_gb=t.checkpoint_write_gb)
     with ckpt:
         state = fit(tr.init_state, plan.step, plan.batches, num_steps=t.num_steps,
                     workdir=workdir, checkpointer=ckpt, abstract_state=tr.abstract,

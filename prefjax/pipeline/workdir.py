@@ -17,6 +17,7 @@ from prefjax.paths import as_path
 SCHEDULE_FIELDS = frozenset({
     "train.num_steps", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_checkpoints", "train.best_metric", "train.export_hf", "reference.cache",
+    "train.checkpoint_write_gb",
 })
 
 

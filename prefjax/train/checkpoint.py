@@ -47,16 +47,23 @@ class Checkpointer:
     frozen: nnx filter over `state.rest` of variables that training never changes (e.g.
         `prefjax.train.state.FROZEN_REFERENCE`); they are not written, and `restore` needs them
         as `frozen_rest`.
+    write_gb: at most this many GB of arrays being written at once (per process). Orbax's own
+        default (96) lets every array of the state be in flight together, and its writer holds
+        a host copy of each: a save then costs the host the whole state again (measured on CPU:
+        +4.0 GB for a 4 GB state, +1.0 GB at 1). Larger arrays than the limit still go one at
+        a time.
     """
 
     def __init__(self, directory: str | Path, *, keep: int = 3, save_every: int = 1,
                  best_metric: str | None = None, best_mode: str = "min",
-                 async_save: bool = True, frozen: Any = None):
+                 async_save: bool = True, frozen: Any = None, write_gb: int = 1):
         self.frozen = frozen
         if keep < 1:
             raise ValueError(f"keep must be >= 1 checkpoints, got {keep}")
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
+        if write_gb < 1:
+            raise ValueError(f"write_gb must be an integer >= 1 (GB), got {write_gb}")
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         self.directory = as_path(directory)  # local or gs://
@@ -72,7 +79,10 @@ class Checkpointer:
             preservation_policy=policies.AnyPreservationPolicy(keepers),
             enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "extra"))
+            self.directory, options=options, item_handlers={
+                "state": ocp.StandardCheckpointHandler(save_concurrent_gb=write_gb,
+                                                       restore_concurrent_gb=write_gb),
+                "extra": ocp.JsonCheckpointHandler()})
 
     def _metric(self, metrics: dict) -> float:
         if self.best_metric not in metrics:

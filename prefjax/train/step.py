@@ -56,7 +56,8 @@ def split_microbatches(batch: Batch, k: int, *, paired: bool = True,
     `i*n/k .. (i+1)*n/k`, their rejected partners at the same offsets after n, and tail rows
     `2n + i*m/k ..`, so each micro-batch is itself a valid batch of the same layout, and the
     `tail_key` leaf is split alike. paired=False: contiguous row blocks (the tail key too).
-    Both partition the rows into equal parts. The train step does not average micro-batch
+    Both partition the rows into equal parts. Leaves of one row per pair (`[n]`, e.g.
+    reward_bt's `margin`) split like the chosen rows. The train step does not average micro-batch
     losses (a mean of per-micro-batch token means is not the batch's token mean): it evaluates
     the loss once on the reassembled full-batch outputs (`_loss_and_grads`). Packed rows (keys
     `packed_*`, `prefjax.data.packing`, already packed per micro-batch) split into k
@@ -67,13 +68,14 @@ def split_microbatches(batch: Batch, k: int, *, paired: bool = True,
     packed = {key for key in batch if key.startswith("packed_")}
     rows = {x.shape[0] for key, x in batch.items()
             if key != tail_key and key not in packed and jnp.ndim(x)}
-    if len(rows) != 1:
+    b = max(rows, default=0)
+    m = _tail_rows(batch, tail_key)
+    pairs = b - m
+    # per-pair leaves ([n], e.g. reward_bt's `margin`) beside the [2n + m] rows
+    if rows - ({b, pairs // 2} if paired else {b}):
         raise ValueError(
             "batch leaves disagree on the number of rows: "
             f"{ {key: jnp.shape(x) for key, x in batch.items()} }")
-    (b,) = rows
-    m = _tail_rows(batch, tail_key)
-    pairs = b - m
     if paired and pairs % 2:
         raise ValueError(f"a pairwise batch needs an even number of chosen+rejected rows, got "
                          f"{pairs} ({b} rows minus {m} tail rows of {tail_key!r})")
@@ -95,6 +97,8 @@ def split_microbatches(batch: Batch, k: int, *, paired: bool = True,
                 raise ValueError(f"batch[{key!r}] has {x.shape[0]} packed rows, not k={k} "
                                  "blocks (pack with micro_batches=grad_accum)")
             return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+        if paired and jnp.ndim(x) and x.shape[0] == pairs // 2 != b:  # per pair
+            return x.reshape(k, x.shape[0] // k, *x.shape[1:])
         if jnp.ndim(x) == 0 or x.shape[0] != b:
             raise ValueError(f"batch[{key!r}] has shape {jnp.shape(x)}; expected {b} rows")
         chunks = [x[s:s + n].reshape(k, n // k, *x.shape[1:]) for s, n in parts if n]
@@ -108,13 +112,13 @@ def merge_microbatches(stacked: Batch, *, paired: bool = True,
     """Inverse of `split_microbatches`: `[k, b, ...]` blocks, each a pairwise batch (chosen,
     rejected, tail rows), into one `[k*b, ...]` batch with all chosen rows first, then all
     rejected, then all tail rows (block order kept inside each group)."""
-    b = next(x for key, x in stacked.items() if key != tail_key).shape[1]
+    b = max(x.shape[1] for key, x in stacked.items() if key != tail_key)
     m = _tail_rows(stacked, tail_key, axis=1)
     half = (b - m) // 2
     groups = [(0, half), (half, 2 * half), (2 * half, b)] if paired else [(0, b)]
 
     def merge(key, x):
-        if key == tail_key or not paired:
+        if key == tail_key or not paired or x.shape[1] == half != b:  # tail, per-pair leaves
             return x.reshape(-1, *x.shape[2:])
         return jnp.concatenate(
             [x[:, s:e].reshape(-1, *x.shape[2:]) for s, e in groups if e > s], axis=0)

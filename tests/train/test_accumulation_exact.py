@@ -211,3 +211,20 @@ def test_mean_of_micro_batch_token_means_is_not_the_batch_token_mean():
     full = float(losses.sft(out, batch)[0])
     assert full == pytest.approx(float(np.sum(-tok) / np.sum(lm)))
     assert abs(full - 2.0) > 0.2  # the mean of the micro-batch token means is 2
+
+
+def test_per_pair_leaf_accumulates():
+    """reward_bt's optional per-pair `margin` ([n] beside the [2n] rows) is split with its pairs:
+    the accumulated step equals one batch, and the margin changes the loss (it is read)."""
+    batch, spec = _batch("reward_bt", _initial()[2])
+    margin = np.random.default_rng(3).uniform(0.5, 2.0, PAIRS).astype(np.float32)
+    loss_fn = losses.get("reward_bt")
+    m1, p0, p1 = _run(loss_fn, {**batch, "margin": margin}, spec, 1)
+    mk, _, pk = _run(loss_fn, {**batch, "margin": margin}, spec, K)
+    no_margin = _run(loss_fn, batch, spec, 1)[0]
+    assert m1["loss"] > no_margin["loss"] + 0.1
+    for key in m1:
+        np.testing.assert_allclose(mk[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for a0, a1, ak in zip(p0, p1, pk, strict=True):
+        step = np.abs(a1 - a0).max()
+        np.testing.assert_allclose(ak - a0, a1 - a0, rtol=1e-4, atol=1e-4 * step + 1e-8)
