@@ -5,6 +5,10 @@ tests against TRL's functions on identical tensors.
 that needs TRL fails, naming the command, if it cannot be built). `run_in_trl(code, **arrays)`
 runs `code` there in a subprocess: the arrays arrive as NumPy arrays in the dict `inputs`, and
 `code` puts NumPy arrays (or numbers) into the dict `outputs`, which comes back.
+
+TRL 1.16 no longer ships PPO (not even in `trl.experimental`); `legacy_trl_source(path)` reads a
+file of the last release that has it (TRL 0.24.0, its wheel fetched once into the env with
+`pip download --no-deps`), so a test can run that code in the TRL env without installing it.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ from __future__ import annotations
 import subprocess
 import tempfile
 import textwrap
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_VENV = ROOT / "benchmarks" / ".venv-trl"
+LEGACY_TRL = "0.24.0"  # the last TRL release with PPOTrainer
 
 _PRELUDE = """
 import sys
@@ -59,3 +65,18 @@ def run_in_trl(code: str, timeout: float = 600, **arrays) -> dict[str, np.ndarra
             raise RuntimeError(f"code in the TRL env failed:\n{p.stderr[-4000:]}")
         d = np.load(out)
         return {k: d[k] for k in d.files}
+
+
+def legacy_trl_source(path: str) -> str:
+    """The text of `path` (e.g. "trl/trainer/ppo_trainer.py") in the TRL 0.24.0 wheel."""
+    folder = TRL_VENV / "legacy"
+    wheel = folder / f"trl-{LEGACY_TRL}-py3-none-any.whl"
+    if not wheel.exists():
+        p = subprocess.run([str(trl_python()), "-m", "pip", "download", "-q", "--no-deps",
+                            f"trl=={LEGACY_TRL}", "-d", str(folder)],
+                           capture_output=True, text=True, timeout=600)
+        if p.returncode != 0 or not wheel.exists():
+            raise RuntimeError(f"could not fetch the TRL {LEGACY_TRL} wheel (it needs the "
+                               f"package index):\n{p.stderr[-2000:]}")
+    with zipfile.ZipFile(wheel) as z:
+        return z.read(path).decode()

@@ -58,7 +58,12 @@ def kl_shaped_rewards(scores: Array, logps: Array, ref_logps: Array, mask: Array
                       kl_coef: float, estimator: str = "k1") -> Array:
     """r_t = -kl_coef * k(t) on response tokens, plus the score [b] at each row's last response
     token. logps / ref_logps [b, t] are of the sampling policy and the reference. Returns [b, t],
-    0 outside the mask."""
+    0 outside the mask.
+
+    TRL's PPOTrainer (0.24, its last release with PPO) adds the score one slot later, on the
+    first pad after the last token, and keeps the value there, so its GAE advantages differ at
+    lam < 1 on rows shorter than the width; they agree on rows that fill it and at
+    gamma = lam = 1 (tests/losses/test_ppo_trl_parity.py runs TRL's code on both layouts)."""
     m = mask > 0
     k = jnp.where(m, kl_penalty(logps, ref_logps, estimator=estimator), 0)
     onehot = last_token_onehot(mask).astype(k.dtype)
@@ -117,8 +122,9 @@ def ppo(out: PolicyOut, batch: Batch, *, clip_eps: float = 0.2, clip_eps_value: 
     whitened), returns, old_values, loss_mask [b, t]. No entropy bonus: PolicyOut carries no
     entropy (TRL has none either). Defaults are TRL's PPOConfig (cliprange 0.2, cliprange_value
     0.2, vf_coef 0.1). The rollout side (prefjax.pipeline.rollouts, `online.*`) differs from
-    TRL only where its config says so: value model (`online.value_model`, default a head on the
-    policy's trunk; TRL: from the reward model) and temperature (default 1; TRL 0.7).
+    TRL in the score's slot (`kl_shaped_rewards`) and where its config says so: value model
+    (`online.value_model`, default a head on the policy's trunk; TRL: from the reward model)
+    and temperature (default 1; TRL 0.7).
     """
     if out.values is None:
         raise ValueError("ppo: out.values is None; PPO needs a value head filling "
