@@ -43,7 +43,7 @@ trl-parity: $(VENV)/.test $(TRL_VENV)/.trl
 $(TRL_VENV)/.trl:
 	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
 	$(TRL_VENV)/bin/pip install -q torch==2.13.0 trl==1.16.0 transformers datasets accelerate \
-		mistral-common sentencepiece protobuf
+		mistral-common sentencepiece protobuf peft
 	touch $@
 
 clean:

@@ -30,6 +30,12 @@ What it runs, one process at a time, each under a watchdog (below):
                  --xla_force_host_platform_device_count=8) with `--config.mesh.fsdp=8`
   pj_f32_bf16m   pj_f32 with `--config.train.moment_dtype=bfloat16` (bf16 AdamW moments)
   pj_bf16        pj_f32 with bf16 compute (`--config.model.dtype=bfloat16`: issue 14's setup)
+  pj_f32_lora    `--config=configs/dpo_lora_hh.py` (pj_f32's flags): LoRA rank 16, alpha 32 on
+                 every attention and MLP projection, the live reference = the base with the
+                 adapters off (one model in memory), AdamW state for the adapters only
+  trl_f32_lora   trl_f32 with a PEFT `LoraConfig` of the same rank, alpha and targets
+                 ("all-linear"), no precomputed reference: TRL's reference is then the base with
+                 the adapters disabled, as prefjax's (peft in benchmarks/.venv-trl)
 `--pj-extra` appends config overrides to every prefjax run (e.g. `--config.model.attention=...`).
 
 Figures (every definition is in the JSON's `definitions` too):
@@ -87,7 +93,9 @@ ROOT = HERE.parent
 TRL_PY = HERE / ".venv-trl" / "bin" / "python"
 PJ_PY = Path(sys.executable)
 GB = 1e9
-RUNS = ("trl_f32", "trl_bf16", "pj_load", "pj_f32", "pj_f32_fsdp8", "pj_f32_bf16m", "pj_bf16")
+RUNS = ("trl_f32", "trl_bf16", "pj_load", "pj_f32", "pj_f32_fsdp8", "pj_f32_bf16m", "pj_bf16",
+        "pj_f32_lora", "trl_f32_lora")
+LORA = dict(rank=16, alpha=32.0)  # both sides; every attention and MLP projection
 DEFAULT_RUNS = "trl_f32,trl_bf16,pj_load,pj_f32,pj_f32_fsdp8,pj_f32_bf16m"
 HH = "\n\nAssistant:"
 EXAMPLE = "The tokenizer's café costs 12.50 dollars."
@@ -449,6 +457,8 @@ def trl_run(a, name: str) -> dict:
            "--threads", str(a.threads), "--out", str(out)]
     if name == "trl_bf16":
         cmd.append("--bf16")
+    if name == "trl_f32_lora":
+        cmd += ["--lora-rank", str(LORA["rank"]), "--lora-alpha", str(LORA["alpha"])]
     env = dict(os.environ, TQDM_DISABLE="1")
     load0 = os.getloadavg()
     rec = watched(cmd, log=p["runs"] / f"{name}.log", limit_gb=a.rss_limit,
@@ -468,7 +478,8 @@ def trl_run(a, name: str) -> dict:
                    cpu_step_s=trl.get("cpu_step_s"), cpu_step_s_all=trl.get("cpu_step_s_all"),
                    load_s=trl["load_s"], ref_s=sum(trl["precompute_s"].values()))
     rec.update(framework="trl", compute="bfloat16 autocast" if name == "trl_bf16" else "float32",
-               weights="float32", moments="float32", devices=1, command=cmd)
+               weights="float32", moments="float32", devices=1, command=cmd,
+               lora=LORA if name == "trl_f32_lora" else None)
     return rec
 
 
@@ -543,7 +554,10 @@ def pj_run(a, name: str, fields: set[str], load_s: float | None) -> dict:
            "train.num_steps": a.steps, "train.log_every": 1, "train.eval_every": a.steps,
            "train.save_every": a.steps, "train.keep_checkpoints": 1,
            "train.export_hf": False, "model.dtype": compute})
-    moments = "float32"
+    moments, config = "float32", "configs/dpo_hh.py"
+    if name == "pj_f32_lora":
+        config = "configs/dpo_lora_hh.py"
+        flags.update({"lora.rank": LORA["rank"], "lora.alpha": LORA["alpha"]})
     if name == "pj_f32_bf16m":
         if "train.moment_dtype" not in fields:
             return dict(status="skipped: configs/dpo_hh.py has no train.moment_dtype field",
@@ -557,7 +571,7 @@ def pj_run(a, name: str, fields: set[str], load_s: float | None) -> dict:
         flags["mesh.fsdp"] = 8
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                             " --xla_force_host_platform_device_count=8").strip()
-    cmd = [str(PJ_PY), "-m", "prefjax.main", "--config=configs/dpo_hh.py", f"--workdir={wd}",
+    cmd = [str(PJ_PY), "-m", "prefjax.main", f"--config={config}", f"--workdir={wd}",
            *[f"--config.{k}={v}" for k, v in flags.items()], *a.pj_extra.split()]
     load0 = os.getloadavg()
     rec = watched(cmd, log=p["runs"] / f"{name}.log", limit_gb=a.rss_limit,
@@ -565,7 +579,7 @@ def pj_run(a, name: str, fields: set[str], load_s: float | None) -> dict:
     rec["load_avg_start"] = list(load0)
     rec["load_avg_end"] = list(os.getloadavg())
     rec.update(framework="prefjax", compute=compute, weights="float32", moments=moments,
-               devices=devices, command=cmd,
+               devices=devices, command=cmd, lora=LORA if name == "pj_f32_lora" else None,
                reference_cached=bool(a.reuse_reference and (p["runs"] / "_ref_logps").is_dir()))
     metrics = []
     if (wd / "metrics.jsonl").exists():
@@ -606,9 +620,8 @@ def targets(recs: dict) -> list[dict]:
     cannot be decided (a side missing, or both sides killed at the RSS limit); a run killed at
     the limit has a peak of at least the limit, which decides the RSS targets one way or the
     other when the other side finished."""
-    trl = recs.get("trl_f32", {})
-
-    def check(name: str, what: str, key: str, factor: float) -> dict:
+    def check(name: str, what: str, key: str, factor: float, against: str = "trl_f32") -> dict:
+        trl = recs.get(against, {})
         r = recs.get(name, {})
         value, bound = r.get(key), trl.get(key)
         bound = bound * factor if bound is not None else None
@@ -624,7 +637,7 @@ def targets(recs: dict) -> list[dict]:
         elif ok and trl_ok and value is not None and bound is not None:
             met = value <= bound
         return dict(run=name, target=what, value=value, bound=bound, met=met, note=note,
-                    status=r.get("status"), trl_status=trl.get("status"))
+                    status=r.get("status"), trl_status=trl.get("status"), against=against)
 
     out = [check(n, "peak RSS <= TRL float32 peak RSS", "peak_rss_bytes", 1.0)
            for n in ("pj_f32", "pj_f32_fsdp8")]
@@ -634,6 +647,10 @@ def targets(recs: dict) -> list[dict]:
             for n in ("pj_f32", "pj_f32_fsdp8", "pj_f32_bf16m")]
     out += [check(n, "CPU s/step (float32) <= TRL float32 CPU s/step", "cpu_step_s", 1.0)
             for n in ("pj_f32", "pj_f32_fsdp8", "pj_f32_bf16m")]
+    # issue 17: LoRA with one model in memory, against TRL + PEFT (no numeric target there)
+    out += [check("pj_f32_lora", f"LoRA {w} <= TRL + PEFT {w}", k, 1.0, "trl_f32_lora")
+            for w, k in (("peak RSS", "peak_rss_bytes"), ("s/step", "step_s"),
+                         ("CPU s/step", "cpu_step_s"))]
     return out
 
 

@@ -47,6 +47,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-7)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (float32 master weights)")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="> 0: PEFT LoRA of this rank on every linear layer but the head, and "
+                        "the base with adapters disabled as the (live) reference")
+    p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", required=True)
     return p.parse_args()
@@ -126,13 +130,20 @@ def main() -> None:
         output_dir=str(output_dir), per_device_train_batch_size=a.pairs,
         per_device_eval_batch_size=a.pairs, max_steps=a.steps, learning_rate=a.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        beta=a.beta, loss_type=["sigmoid"], max_length=a.seq, precompute_ref_log_probs=True,
+        beta=a.beta, loss_type=["sigmoid"], max_length=a.seq,
+        precompute_ref_log_probs=not a.lora_rank,
         gradient_checkpointing=True, bf16=a.bf16, fp16=False, use_cpu=True, logging_steps=1,
         save_strategy="no", eval_strategy="no", report_to=[], seed=0,
         dataloader_num_workers=0, disable_tqdm=True)
     load = os.getloadavg()[0]
     t = time.perf_counter()
-    trainer = DPOTrainer(model=model, args=args, processing_class=tok,
+    peft_config = None
+    if a.lora_rank:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = DPOTrainer(model=model, args=args, processing_class=tok, peft_config=peft_config,
                          train_dataset=hh_dataset(a.train),
                          eval_dataset=hh_dataset(a.eval) if a.eval else None,
                          callbacks=[Timer()])
@@ -158,6 +169,8 @@ def main() -> None:
         cpu_step_s=statistics.median(cpu_timed), cpu_step_s_all=cpu_timed,
         load_s=load_s, precompute_s=precompute_s, init_s=init_s, train_s=train_s,
         batch_shape=list(shape), params=sum(p.numel() for p in model.parameters()),
+        trainable_params=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        lora_rank=a.lora_rank,
         max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         rss_at_bytes=rss_at, load_avg_1min=[load, os.getloadavg()[0]], losses=losses,
         threads=torch.get_num_threads(), optimizer=str(trainer.args.optim),

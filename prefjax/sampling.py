@@ -229,15 +229,16 @@ class Sampler:
 
     def _shard_cache(self, cache: KVCache) -> KVCache:
         """Keep the cache split like the batch (and kv heads like the k/v projections)."""
-        kv = ("layers", "batch", "seq", "kv_heads", "head_dim")
-        return cache._replace(k=self._shard(cache.k, kv), v=self._shard(cache.v, kv),
+        names = ("layers", "batch", "kv_heads", "seq", "head_dim")
+        shard = lambda x: self._shard(x, names[-x.ndim:])  # noqa: E731  (stacked or per layer)
+        return cache._replace(k=jax.tree.map(shard, cache.k), v=jax.tree.map(shard, cache.v),
                               mask=self._shard(cache.mask, ("batch", "seq")))
 
     def _pick(self, logits: Array, keys: Array) -> tuple[Array, Array]:
         """(token [b] int32, its log-prob [b] under softmax(logits / T)) from logits [b, v],
         row i drawing with keys[i]."""
         z = logits / self.temperature
-        tok = jnp.argmax(logits, axis=-1) if self.greedy else self._draw(z, keys)
+        tok = _first_argmax(logits) if self.greedy else self._draw(z, keys)
         tok = tok.astype(jnp.int32)
         lp = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tok[:, None], axis=-1)[:, 0]
         return tok, lp
@@ -308,8 +309,7 @@ class Sampler:
         r = _Rows(first, jnp.zeros(rows, jnp.int32), jnp.zeros(rows, jnp.int32),
                   jnp.ones(rows, bool))
         r, bufs = emit(jnp.take(logits, first // k, axis=0), r, bufs)
-        store = (KVCache(pre.k[:, g - 1:g], pre.v[:, g - 1:g], pre.mask[g - 1:g], pre.index),
-                 logits[g - 1:g])
+        store = (kvc.rows(pre, g - 1, g), logits[g - 1:g])
         refill = self._refiller(ids, mask, prefill, emit, units) if rows < units else None
         state0 = (jnp.asarray(rows, jnp.int32), store)
         if refill is not None:
@@ -357,10 +357,7 @@ class Sampler:
             def run(width):
                 def f():
                     c, lg = prefill(pid[:, p - width:], pm[:, p - width:])
-                    pad = ((0, 0), (0, 0), (p - width, 0), (0, 0), (0, 0))
-                    return KVCache(jnp.pad(c.k, pad), jnp.pad(c.v, pad),
-                                   jnp.pad(c.mask, ((0, 0), (p - width, 0))),
-                                   jnp.asarray(p, jnp.int32)), lg
+                    return kvc.pad_left(c, p - width), lg
                 return f
 
             return jax.lax.switch(branch, [run(x) for x in lens])
@@ -383,6 +380,17 @@ class Sampler:
 
         return lambda cache, r, bufs, queue: jax.lax.while_loop(cond, body,
                                                                 (cache, r, bufs, queue))
+
+
+def _first_argmax(x: Array) -> Array:
+    """`jnp.argmax(x, axis=-1)` (the first index of the maximum) for x [b, v] without NaN.
+
+    A max, a compare and a min: XLA CPU runs argmax's (value, index) reduction unvectorised,
+    ~5x slower on [32, 4096] logits, a tenth of a small model's decode step.
+    """
+    v = x.shape[-1]
+    hit = x == jnp.max(x, axis=-1, keepdims=True)
+    return jnp.minimum(jnp.min(jnp.where(hit, jnp.arange(v), v), axis=-1), v - 1)
 
 
 def _typed_key(key, b: int) -> Array:

@@ -12,7 +12,7 @@ from prefjax import lm
 from prefjax.models.gpt2 import GPT2, GPT2Config
 from prefjax.models.llama import Llama, LlamaConfig
 from prefjax.parallel import make_mesh, param_shardings
-from prefjax.sampling import Sampler, Samples, sample, training_rows
+from prefjax.sampling import Sampler, Samples, _first_argmax, sample, training_rows
 
 V, P, N = 64, 8, 6
 LENS = (8, 5, 3, 1)  # real prompt tokens per row (left padded to P)
@@ -279,3 +279,11 @@ def test_bad_arguments_fail_at_once(llama, gpt2):
         Sampler(max_new_tokens=4, greedy=True)(llama, ids[:, ::-1], mask[:, ::-1])
     with pytest.raises(ValueError, match="key"):
         Sampler(max_new_tokens=4)(llama, ids, mask)
+
+
+def test_greedy_pick_is_argmax_with_ties():
+    """The sampler's vectorised argmax returns NumPy's first index of the maximum, ties
+    included (small integer logits tie often)."""
+    x = np.random.default_rng(0).integers(-3, 4, (64, 300)).astype(np.float32)
+    x[0] = 1.0  # a row that is all ties
+    np.testing.assert_array_equal(np.asarray(jax.jit(_first_argmax)(x)), np.argmax(x, axis=-1))

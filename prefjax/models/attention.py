@@ -61,6 +61,21 @@ def attend(q: Array, k: Array, v: Array, *, key_mask: Array, q_start: Array | in
     return _splash(q, k, v, key_mask, q_start, window, scale, segment_ids=segment_ids)
 
 
+def attend_cached(q: Array, k: Array, v: Array, *, key_mask: Array, q_start: Array | int,
+                  window: int | None = None, scale: float, impl: str = "xla") -> Array:
+    """`attend` over a KV cache's head-major buffers k/v [b, kh, s, d] (`cache.KVCache`).
+
+    "xla" reads them as they are (a decode step then copies no cached key); the other
+    implementations take them transposed to [b, s, kh, d].
+    """
+    ks, vs = k.swapaxes(1, 2), v.swapaxes(1, 2)
+    if impl != "xla":
+        return attend(q, ks, vs, key_mask=key_mask, q_start=q_start, window=window,
+                      scale=scale, impl=impl)
+    _check(q, ks, vs, key_mask, window, impl)  # shapes only: the transposes are dead code
+    return kvc.attend_heads(q, k, v, allowed(key_mask, q_start, q.shape[1], window), scale)
+
+
 def query_segments(segment_ids: Array, q_start: Array | int, t: int) -> Array:
     """int [b, t]: the segment of each query (that of its slot q_start + i)."""
     if isinstance(q_start, int) and q_start == 0 and segment_ids.shape[1] == t:

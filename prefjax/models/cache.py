@@ -14,7 +14,13 @@ Array = jax.Array
 class KVCache(NamedTuple):
     """Keys and values of every layer for `max_len` slots (a pytree; jit/donate it as a whole).
 
-    k, v:  [layers, b, max_len, kv_heads, head_dim] in the model's compute dtype.
+    k, v:  per layer [b, kv_heads, max_len, head_dim] in the model's compute dtype: a tuple of
+           one array per layer (decoders with unrolled layers), or one array
+           [layers, b, kv_heads, max_len, head_dim] (decoders that scan their layers).
+           Head-major, so attention reads a layer's keys as [b * kv_heads, max_len, head_dim]
+           without a transpose, and per layer, so a decode step writes each layer's new slot in
+           place instead of re-stacking the whole cache (each would copy every cached key on
+           every step).
     mask:  int32 [b, max_len]; 1 where a slot holds a real token (padding and unwritten slots: 0).
     index: int32 scalar; the next slot to write (all rows advance together).
 
@@ -22,24 +28,51 @@ class KVCache(NamedTuple):
     attention_mask there, lets each new token attend causally to every earlier slot whose mask
     is 1 (and to itself), and returns the cache with `index + t`. Writing past `max_len` is an
     error when `index` is concrete; under jit it is the caller's job (XLA would clamp silently).
+    The helpers below work on either form of k / v (batch axis -4, slot axis -2).
     """
 
-    k: Array
-    v: Array
+    k: Array | tuple[Array, ...]
+    v: Array | tuple[Array, ...]
     mask: Array
     index: Array
 
     @classmethod
     def init(cls, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
-             dtype=jnp.float32) -> KVCache:
-        """An empty cache (all slots free, index 0)."""
-        shape = (layers, batch, max_len, kv_heads, head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   mask=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+             dtype=jnp.float32, *, stacked: bool = False) -> KVCache:
+        """An empty cache (all slots free, index 0); `stacked`: one [layers, ...] array."""
+        shape = (batch, kv_heads, max_len, head_dim)
+        if stacked:
+            k, v = (jnp.zeros((layers, *shape), dtype) for _ in range(2))
+        else:
+            k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(layers)) for _ in range(2))
+        return cls(k=k, v=v, mask=jnp.zeros((batch, max_len), jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
 
     @property
     def max_len(self) -> int:
         return self.mask.shape[1]
+
+
+def _kv_map(f, cache: KVCache) -> tuple:
+    """(f over every k buffer, f over every v buffer), keeping the tuple / stacked form."""
+    return jax.tree.map(f, cache.k), jax.tree.map(f, cache.v)
+
+
+def _pad_slots(x: Array, lo: int, hi: int) -> Array:
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(lo, hi), (0, 0)])
+
+
+def rows(cache: KVCache, start: int, stop: int) -> KVCache:
+    """The cache of rows `start..stop-1` (same slots and index)."""
+    k, v = _kv_map(lambda x: jax.lax.slice_in_dim(x, start, stop, axis=x.ndim - 4), cache)
+    return KVCache(k, v, cache.mask[start:stop], cache.index)
+
+
+def pad_left(cache: KVCache, d: int) -> KVCache:
+    """The cache with `d` free slots added before slot 0 and `index + d` (a shorter prefill
+    laid out like a longer one)."""
+    k, v = _kv_map(lambda x: _pad_slots(x, d, 0), cache)
+    return KVCache(k, v, jnp.pad(cache.mask, ((0, 0), (d, 0))), cache.index + d)
 
 
 def from_prefix(prefix: KVCache, rows: Array, max_len: int) -> KVCache:
@@ -51,8 +84,8 @@ def from_prefix(prefix: KVCache, rows: Array, max_len: int) -> KVCache:
     p = prefix.max_len
     if max_len < p:
         raise ValueError(f"from_prefix: max_len {max_len} is shorter than the prefix ({p})")
-    pad = ((0, 0), (0, 0), (0, max_len - p), (0, 0), (0, 0))
-    k, v = (jnp.pad(jnp.take(x, rows, axis=1), pad) for x in (prefix.k, prefix.v))
+    k, v = _kv_map(lambda x: _pad_slots(jnp.take(x, rows, axis=x.ndim - 4), 0, max_len - p),
+                   prefix)
     mask = jnp.pad(jnp.take(prefix.mask, rows, axis=0), ((0, 0), (0, max_len - p)))
     return KVCache(k, v, mask, jnp.asarray(p, jnp.int32))
 
@@ -65,8 +98,12 @@ def place(cache: KVCache, row: Array, prefix: KVCache) -> KVCache:
     `cache.index` like every other row's, so all rows keep one shared write index.
     """
     start = cache.index - prefix.max_len
-    k, v = (jax.lax.dynamic_update_slice(x, new.astype(x.dtype), (0, row, start, 0, 0))
-            for x, new in ((cache.k, prefix.k), (cache.v, prefix.v)))
+
+    def put(x, new):
+        lead = (0,) * (x.ndim - 4)
+        return jax.lax.dynamic_update_slice(x, new.astype(x.dtype), (*lead, row, 0, start, 0))
+
+    k, v = jax.tree.map(put, cache.k, prefix.k), jax.tree.map(put, cache.v, prefix.v)
     line = jax.lax.dynamic_update_slice(jnp.zeros((1, cache.max_len), jnp.int32),
                                         prefix.mask.astype(jnp.int32), (0, start))
     return cache._replace(k=k, v=v, mask=jax.lax.dynamic_update_slice(cache.mask, line,
@@ -81,8 +118,7 @@ def shift(cache: KVCache, d: int) -> KVCache:
     window), and positions come from the mask, so a shift changes no output as long as no
     row needs the dropped slots.
     """
-    pad = ((0, 0), (0, 0), (0, d), (0, 0), (0, 0))
-    k, v = (jnp.pad(x[:, :, d:], pad) for x in (cache.k, cache.v))
+    k, v = _kv_map(lambda x: _pad_slots(x[..., d:, :], 0, d), cache)
     return KVCache(k, v, jnp.pad(cache.mask[:, d:], ((0, 0), (0, d))), cache.index - d)
 
 
@@ -136,8 +172,10 @@ def forward_context(attention_mask: Array | None, shape: tuple[int, int],
 
 
 def write(buf: Array, new: Array, index: Array) -> Array:
-    """One layer's cache `[b, max_len, k, d]` with `new` `[b, t, k, d]` written at slot `index`."""
-    return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, index, 0, 0))
+    """One layer's cache `[b, kh, max_len, d]` with `new` `[b, t, kh, d]` written at slot
+    `index`."""
+    return jax.lax.dynamic_update_slice(buf, new.swapaxes(1, 2).astype(buf.dtype),
+                                        (0, 0, index, 0))
 
 
 def causal_allowed(key_mask: Array, q_start: Array | int, t: int,
@@ -176,6 +214,25 @@ def attend(q: Array, k: Array, v: Array, allowed: Array, scale: float) -> Array:
     kh_, vh = (x.transpose(0, 2, 1, 3).reshape(b * kh, s, d) for x in (k, v))
     o = _attention(qh, kh_, vh, allowed, scale)  # [b * kh, g * t, d]
     return o.reshape(b, kh, h // kh, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def attend_heads(q: Array, k: Array, v: Array, allowed: Array, scale: float) -> Array:
+    """`attend` with k/v head-major [b, kh, s, d] (a KV cache's layout), read as they are.
+
+    The dots keep (b, kh) as two leading batch dimensions: a reshape of the cache to
+    [b * kh, s, d] between its update and the dot made XLA CPU fuse the update once per
+    consumer, copying the whole buffer each time.
+    """
+    b, t, h, d = q.shape
+    kh, s = k.shape[1], k.shape[2]
+    g = h // kh
+    qh = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
+    z = jnp.einsum("bkqd,bksd->bkqs", qh, k, preferred_element_type=jnp.float32)
+    z = z.reshape(b, kh, g, t, s)
+    z = jnp.where(allowed[:, None, None], z * scale, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(z, axis=-1).reshape(b, kh, g * t, s)
+    o = jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), v)
+    return o.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def _masked_scores(q: Array, k: Array, allowed: Array, scale: float) -> Array:

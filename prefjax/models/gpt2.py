@@ -159,8 +159,11 @@ class Attention(nnx.Module):
             q = q * q_scale.astype(q.dtype)
         if kv is not None:  # attend over the whole cache buffer with the new tokens written in
             k, v = kvc.write(kv[0], k, ctx.index), kvc.write(kv[1], v, ctx.index)
-        a = attention.attend(q, k, v, key_mask=ctx.key_mask, q_start=ctx.start, scale=self.scale,
-                             impl=self.impl, segment_ids=ctx.segments)
+            a = attention.attend_cached(q, k, v, key_mask=ctx.key_mask, q_start=ctx.start,
+                                        scale=self.scale, impl=self.impl)
+        else:
+            a = attention.attend(q, k, v, key_mask=ctx.key_mask, q_start=ctx.start,
+                                 scale=self.scale, impl=self.impl, segment_ids=ctx.segments)
         return self.o(a.reshape(b, t, -1)), (k, v)
 
 
@@ -280,7 +283,7 @@ class GPT2(nnx.Module):
             ks.append(k)
             vs.append(v)
         if cache is not None:
-            cache = KVCache(jnp.stack(ks), jnp.stack(vs), key_mask, cache.index + t)
+            cache = KVCache(tuple(ks), tuple(vs), key_mask, cache.index + t)
         return self.ln_f(x), cache
 
     def unembed(self) -> Array:
@@ -303,7 +306,7 @@ class GPT2(nnx.Module):
             raise ValueError(f"init_cache(max_len={max_len}) exceeds GPT-2's "
                              f"n_positions={c.max_position_embeddings}")
         return KVCache.init(c.num_layers, batch, max_len, c.num_heads, c.head_dim,
-                            dtype or self.dtype)
+                            dtype or self.dtype, stacked=c.scan_layers)
 
 
 # --- hooks for prefjax.models.hf (model_type "gpt2") ---------------------------------------------

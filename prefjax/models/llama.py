@@ -411,11 +411,15 @@ class Attention(nnx.Module):
         q = checkpoint_name(apply_rope(split(self.q(x)), ctx.positions, inv_freq), QKV_NAMES[0])
         k = checkpoint_name(apply_rope(split(self.k(x)), ctx.positions, inv_freq), QKV_NAMES[1])
         v = checkpoint_name(split(self.v(x)), QKV_NAMES[2])
+        scale, impl = self.head_dim ** -0.5, self.config.attention_impl
         if kv is not None:  # attend over the whole cache buffer with the new tokens written in
             k, v = kvc.write(kv[0], k, ctx.index), kvc.write(kv[1], v, ctx.index)
-        a = attention.attend(q, k, v, key_mask=ctx.key_mask, q_start=ctx.start, window=window,
-                             scale=self.head_dim ** -0.5, impl=self.config.attention_impl,
-                             segment_ids=ctx.segments)
+            a = attention.attend_cached(q, k, v, key_mask=ctx.key_mask, q_start=ctx.start,
+                                        window=window, scale=scale, impl=impl)
+        else:
+            a = attention.attend(q, k, v, key_mask=ctx.key_mask, q_start=ctx.start,
+                                 window=window, scale=scale, impl=impl,
+                                 segment_ids=ctx.segments)
         return self.o(a.reshape(b, t, -1)), (k, v)
 
 
@@ -516,7 +520,7 @@ class Llama(nnx.Module):
             ks.append(k)
             vs.append(v)
         if cache is not None:
-            cache = KVCache(jnp.stack(ks), jnp.stack(vs), key_mask, cache.index + t)
+            cache = KVCache(tuple(ks), tuple(vs), key_mask, cache.index + t)
         return self.norm(x), cache
 
     def unembed(self) -> Array:
@@ -541,7 +545,7 @@ class Llama(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         c = self.config
         return KVCache.init(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim,
-                            dtype or self.dtype)
+                            dtype or self.dtype, stacked=c.scan_layers)
 
 
 def _block_fn(ctx: Context, window: int | None):

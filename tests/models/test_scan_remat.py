@@ -224,7 +224,9 @@ def test_scanned_cached_decode_equals_full_forward(name, reference):
     prompt, pmask = prompt_and_steps()
     p, n = prompt.shape[1], 6  # 12 tokens > mistral's window of 4
     cache = model.init_cache(3, p + n + 2)
-    assert cache.k.shape[0] == model.config.num_layers
+    # one stacked, head-major buffer [layers, b, kv heads, slots, head_dim] (scanned layers)
+    assert cache.k.shape[:2] == (model.config.num_layers, 3)
+    assert cache.k.shape[3] == p + n + 2
     call = nnx.jit(lambda m, ids, mask, c: m(ids, mask, cache=c))
     logits, cache = call(model, jnp.asarray(prompt), jnp.asarray(pmask), cache)
     toks, steps = [], []
@@ -242,7 +244,8 @@ def test_scanned_cached_decode_equals_full_forward(name, reference):
     loop_cache = call(loop, seq, smask, loop.init_cache(3, p + n + 2))[1]
     real = np.pad(smask, ((0, 0), (0, 2))).astype(bool)
     for a, b in ((cache.k, loop_cache.k), (cache.v, loop_cache.v)):
-        np.testing.assert_allclose(np.asarray(a)[:, real], np.asarray(b)[:, real], atol=1e-5)
+        a, b = (np.asarray(x).transpose(0, 1, 3, 2, 4) for x in (a, jnp.stack(b)))  # slot-major
+        np.testing.assert_allclose(a[:, real], b[:, real], atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["mistral_window"])
