@@ -1,7 +1,7 @@
 """GRPO (+ Dr. GRPO, DAPO, GSPO), RLOO, REINFORCE++ and KTO end to end: every config's `:smoke`
 runs through the CLI. That GRPO, Dr. GRPO and RLOO raise the synthetic task's ground-truth
 reward over the SFT policy is tests/train/test_online.py's check (beside PPO and P3O, sharing
-their SFT policy); KTO's is open (issue 17 notes)."""
+their SFT policy), and KTO's too."""
 
 from __future__ import annotations
 
