@@ -1,6 +1,7 @@
 """Online trainers: PPO, P3O, online DPO, GRPO, Dr. GRPO and RLOO raise the ground-truth reward
 of an SFT policy on the synthetic task, and so does KTO (offline, from the same SFT policy);
-online runs resume exactly after SIGKILL (rollout RNG included)."""
+GRPO solves more of the verifiable task than its SFT policy; online runs resume exactly after
+SIGKILL (rollout RNG included)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,28 @@ def test_group_algorithm_raises_ground_truth_reward_over_sft(sft_policy, tmp_pat
     c.train.num_steps = GROUP_STEPS
     c.train.lr = 5e-4
     check_raises_reward(c, tmp_path, f"{name}:{arg}")
+
+
+@pytest.mark.slow
+def test_grpo_solves_more_of_the_verifiable_task_than_its_sft_policy(tmp_path):
+    """GRPO on the exact-match task (prefjax.data.verifiable) from a longer SFT policy than
+    `sft_policy` (which solves ~0%, leaving GRPO no signal): the held-out solve rate rises
+    well above the SFT policy's (measured: 7% -> 20% in 48 steps)."""
+    c = load_config(ROOT / "configs" / "sft_synthetic.py")
+    c.data.num_train, c.train.num_steps = 32768, 1500
+    c.train.eval_every = c.train.save_every = 1500
+    run(c, str(tmp_path / "sft"))
+    finals = {}
+    for name, lr, steps in (("base", 1e-12, 1), ("grpo", 5e-4, 48)):
+        c = load_config(ROOT / "configs" / "grpo_synthetic.py",
+                        f"reward=verifiable,init_from={tmp_path / 'sft'}")
+        c.train.num_steps, c.train.lr = steps, lr
+        c.train.eval_every = c.train.save_every = steps
+        c.train.export_hf = False
+        finals[name] = run(c, str(tmp_path / name))
+    base, end = finals["base"]["reward"], finals["grpo"]["reward"]
+    assert base > 0.02, f"the SFT policy should solve a few prompts, got {base:.3f}"
+    assert end > 2 * base and end > base + 0.06, f"GRPO: solve rate {base:.3f} -> {end:.3f}"
 
 
 @pytest.mark.slow
