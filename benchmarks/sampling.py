@@ -13,6 +13,10 @@ max_new_tokens and sampling settings. Scenarios:
                ends; prefjax refills a finished row from the queue (continuous batching)
   sample_eos_n4  4 samples per prompt: HF `num_return_sequences=4` (prefills each prompt 4
                times); prefjax `num_samples=4` (one prefill per prompt, copied to 4 rows)
+  sample_eos_tiled4  the rows of sample_eos_n4 with the same keys (tests/test_rollout_engine.py
+               checks that the tokens agree), prefjax given the prompts tiled 4 times with
+               `num_samples=1`: 4 prefills per prompt, so the difference to sample_eos_n4 is
+               the prefill that group sampling shares
 
 Both sides decode --batch rows at a time: HF runs `generate` on chunks of batch / n prompts,
 prefjax one call over the whole queue with `cache_rows=batch`.
@@ -47,11 +51,13 @@ from prefjax.sampling import Sampler
 
 SAMPLE = (dict(temperature=0.8, top_k=50, top_p=0.95),
           dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.95))
-SCENARIOS = {  # name -> (prefjax Sampler kwargs, HF generate kwargs, samples per prompt, EOS)
-    "greedy": (dict(greedy=True), dict(do_sample=False), 1, False),
-    "sample": (*SAMPLE, 1, False),
-    "sample_eos": (*SAMPLE, 1, True),
-    "sample_eos_n4": (*SAMPLE, 4, True),
+SCENARIOS = {  # name -> (prefjax Sampler kwargs, HF generate kwargs, samples per prompt, EOS,
+    #                  prefjax gets the prompts tiled instead of num_samples)
+    "greedy": (dict(greedy=True), dict(do_sample=False), 1, False, False),
+    "sample": (*SAMPLE, 1, False, False),
+    "sample_eos": (*SAMPLE, 1, True, False),
+    "sample_eos_n4": (*SAMPLE, 4, True, False),
+    "sample_eos_tiled4": (*SAMPLE, 4, True, True),
 }
 
 
@@ -129,16 +135,18 @@ def timed(fns, runs: int) -> list[tuple[float, list[float], object]]:
 def measure(name: str, a, model, hf, ids: np.ndarray, mask: np.ndarray, eos: list[int]
             ) -> dict:
     """One table row: both generators on the same prompt queue with scenario `name`."""
-    ours, theirs, k, use_eos = SCENARIOS[name]
+    ours, theirs, k, use_eos, tile = SCENARIOS[name]
     eos = eos if use_eos else []
     n = a.max_new_tokens
-    sampler = Sampler(max_new_tokens=n, num_samples=k, cache_rows=a.batch, eos_id=eos or None,
-                      prefill_buckets=a.prefill_buckets, **ours)
+    sampler = Sampler(max_new_tokens=n, num_samples=1 if tile else k, cache_rows=a.batch,
+                      eos_id=eos or None, prefill_buckets=a.prefill_buckets, **ours)
+    # tiled: row j * b + i is prompt i again, as num_samples lays out sample j of prompt i
+    our_ids, our_mask = (np.tile(ids, (k, 1)), np.tile(mask, (k, 1))) if tile else (ids, mask)
     keys = iter(jax.random.split(jax.random.key(0), a.runs + 1))
     per_call = a.batch // k  # prompts per HF generate call
 
     def run_ours():
-        s = jax.block_until_ready(sampler(model, ids, mask, next(keys)))
+        s = jax.block_until_ready(sampler(model, our_ids, our_mask, next(keys)))
         return np.asarray(s.tokens), np.asarray(s.lengths)
 
     def run_hf():

@@ -57,7 +57,7 @@ def split_microbatches(batch: Batch, k: int, *, paired: bool = True,
     `2n + i*m/k ..`, so each micro-batch is itself a valid batch of the same layout, and the
     `tail_key` leaf is split alike. paired=False: contiguous row blocks (the tail key too).
     Both partition the rows into equal parts. Leaves of one row per pair (`[n]`, e.g.
-    reward_bt's `margin`) split like the chosen rows. The train step does not average micro-batch
+    a per-pair `margin`) split like the chosen rows. The train step does not average micro-batch
     losses (a mean of per-micro-batch token means is not the batch's token mean): it evaluates
     the loss once on the reassembled full-batch outputs (`_loss_and_grads`). Packed rows (keys
     `packed_*`, `prefjax.data.packing`, already packed per micro-batch) split into k
@@ -71,7 +71,7 @@ def split_microbatches(batch: Batch, k: int, *, paired: bool = True,
     b = max(rows, default=0)
     m = _tail_rows(batch, tail_key)
     pairs = b - m
-    # per-pair leaves ([n], e.g. reward_bt's `margin`) beside the [2n + m] rows
+    # per-pair leaves ([n], e.g. a per-pair `margin`) beside the [2n + m] rows
     if rows - ({b, pairs // 2} if paired else {b}):
         raise ValueError(
             "batch leaves disagree on the number of rows: "
