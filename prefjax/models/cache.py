@@ -17,10 +17,10 @@ class KVCache(NamedTuple):
     k, v:  per layer [b, kv_heads, max_len, head_dim] in the model's compute dtype: a tuple of
            one array per layer (decoders with unrolled layers), or one array
            [layers, b, kv_heads, max_len, head_dim] (decoders that scan their layers).
-           Head-major, so attention reads a layer's keys as [b * kv_heads, max_len, head_dim]
-           without a transpose, and per layer, so a decode step writes each layer's new slot in
-           place instead of re-stacking the whole cache (each would copy every cached key on
-           every step).
+           Head-major, so attention reads a layer's keys as they are ((b, kv_heads) leading,
+           no transpose), and per layer, so a decode step writes each layer's new slot in place
+           instead of re-stacking the whole cache (each would copy every cached key on every
+           step).
     mask:  int32 [b, max_len]; 1 where a slot holds a real token (padding and unwritten slots: 0).
     index: int32 scalar; the next slot to write (all rows advance together).
 
