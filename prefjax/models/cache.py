@@ -178,6 +178,28 @@ def write(buf: Array, new: Array, index: Array) -> Array:
                                         (0, 0, index, 0))
 
 
+def write_layer(kv: tuple, k: Array, v: Array, index: Array) -> tuple[tuple, Array, Array]:
+    """A block's cache update: (cache to return, k and v [b, kh, max_len, d] to attend over).
+
+    kv is one layer's `(k, v)` buffers, or, under scanned layers, the stacked
+    `(k, v, layer)`: the new slots are then written into the stacked buffers in place and the
+    layer is read back out of them (one copy of that layer; slicing the layer into the scan and
+    stacking it out again copied the whole cache twice per decode step).
+    """
+    if len(kv) == 2:
+        k, v = write(kv[0], k, index), write(kv[1], v, index)
+        return (k, v), k, v
+    ks, vs, layer = kv
+
+    def put(stack, new):
+        return jax.lax.dynamic_update_slice(stack, new.swapaxes(1, 2)[None].astype(stack.dtype),
+                                            (layer, 0, 0, index, 0))
+
+    ks, vs = put(ks, k), put(vs, v)
+    k, v = (jax.lax.dynamic_index_in_dim(x, layer, keepdims=False) for x in (ks, vs))
+    return (ks, vs), k, v
+
+
 def causal_allowed(key_mask: Array, q_start: Array | int, t: int,
                    window: int | None = None) -> Array:
     """bool [b, t, s]: query i (at slot q_start + i) may see key slot j.

@@ -32,6 +32,7 @@ from prefjax.models.llama import (
     remat_block,
     row_sharded,
     scan_blocks,
+    scan_cached_blocks,
     stack_blocks,
 )
 
@@ -158,12 +159,12 @@ class Attention(nnx.Module):
         if q_scale is not None:
             q = q * q_scale.astype(q.dtype)
         if kv is not None:  # attend over the whole cache buffer with the new tokens written in
-            k, v = kvc.write(kv[0], k, ctx.index), kvc.write(kv[1], v, ctx.index)
+            kv, k, v = kvc.write_layer(kv, k, v, ctx.index)
             a = attention.attend_cached(q, k, v, key_mask=ctx.key_mask, q_start=ctx.start,
                                         scale=self.scale, impl=self.impl)
-        else:
-            a = attention.attend(q, k, v, key_mask=ctx.key_mask, q_start=ctx.start,
-                                 scale=self.scale, impl=self.impl, segment_ids=ctx.segments)
+            return self.o(a.reshape(b, t, -1)), kv
+        a = attention.attend(q, k, v, key_mask=ctx.key_mask, q_start=ctx.start,
+                             scale=self.scale, impl=self.impl, segment_ids=ctx.segments)
         return self.o(a.reshape(b, t, -1)), (k, v)
 
 
@@ -265,16 +266,18 @@ class GPT2(nnx.Module):
             q_scale = (1.0 / jnp.arange(1, c.num_layers + 1, dtype=jnp.float32)
                        if c.scale_attn_by_inverse_layer_idx else None)
 
-            def run(block, h, per_layer):
-                kv, qs = per_layer
-                h, kv = block(h, ctx, kv, qs)
-                return h, (None if cache is None else kv)
-
-            kv = None if cache is None else (cache.k, cache.v)
-            x, kvs = scan_blocks(self.layers, x, run, (kv, q_scale), policy=policy)
             if cache is not None:
-                cache = KVCache(*kvs, key_mask, cache.index + t)
-            return self.ln_f(x), cache
+                def step(block, h, qs, i, kv):
+                    return block(h, ctx, (*kv, i), qs)
+
+                x, kv = scan_cached_blocks(self.layers, x, step, (cache.k, cache.v), q_scale)
+                return self.ln_f(x), KVCache(*kv, key_mask, cache.index + t)
+
+            def run(block, h, qs):
+                return block(h, ctx, None, qs)[0], None
+
+            x, _ = scan_blocks(self.layers, x, run, q_scale, policy=policy)
+            return self.ln_f(x), None
         ks, vs = [], []
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])

@@ -314,6 +314,26 @@ def row_sharded(x: Array) -> Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def scan_cached_blocks(layers: nnx.Module, x: Array, run, kv: tuple, xs: Any = None):
+    """`(x, kv)`: a cached forward (decoding) through the layers of `stack_blocks` output, one
+    `lax.scan` carrying the stacked cache `kv = (k, v)`: `x, kv = run(block_i, x, xs[i], i, kv)`.
+
+    Carried rather than scanned over: as scan inputs and outputs the cache's layers were copied
+    in and stacked out again on every call, i.e. every decode step (`cache.write_layer`).
+    """
+    graphdef, state = nnx.split(layers)
+    n = jax.tree.leaves(state)[0].shape[0]
+
+    def body(carry, per_layer):
+        h, kv = carry
+        s, xi, i = per_layer
+        h, kv = run(nnx.merge(graphdef, s), row_sharded(h), xi, i, kv)
+        return (row_sharded(h), kv), None
+
+    (x, kv), _ = jax.lax.scan(body, (x, kv), (state, xs, jnp.arange(n, dtype=jnp.int32)))
+    return x, kv
+
+
 def scan_blocks(layers: nnx.Module, x: Array, run, xs: Any = None, *, policy: str = "none"):
     """`(x, ys)`: for each layer i of `stack_blocks` output, `x, y_i = run(block_i, x, xs[i])`.
 
@@ -413,13 +433,12 @@ class Attention(nnx.Module):
         v = checkpoint_name(split(self.v(x)), QKV_NAMES[2])
         scale, impl = self.head_dim ** -0.5, self.config.attention_impl
         if kv is not None:  # attend over the whole cache buffer with the new tokens written in
-            k, v = kvc.write(kv[0], k, ctx.index), kvc.write(kv[1], v, ctx.index)
+            kv, k, v = kvc.write_layer(kv, k, v, ctx.index)
             a = attention.attend_cached(q, k, v, key_mask=ctx.key_mask, q_start=ctx.start,
                                         window=window, scale=scale, impl=impl)
-        else:
-            a = attention.attend(q, k, v, key_mask=ctx.key_mask, q_start=ctx.start,
-                                 window=window, scale=scale, impl=impl,
-                                 segment_ids=ctx.segments)
+            return self.o(a.reshape(b, t, -1)), kv
+        a = attention.attend(q, k, v, key_mask=ctx.key_mask, q_start=ctx.start, window=window,
+                             scale=scale, impl=impl, segment_ids=ctx.segments)
         return self.o(a.reshape(b, t, -1)), (k, v)
 
 
@@ -502,16 +521,18 @@ class Llama(nnx.Module):
         x = row_sharded(jnp.take(self.embed.embedding[...], input_ids, axis=0).astype(self.dtype))
         if c.scan_layers:
             window = c.window(0)  # the same on every layer (checked by LlamaConfig)
-
-            def run(block, h, kv):
-                h, kv = block(h, ctx, kv, window)
-                return h, (None if cache is None else kv)
-
-            kv = None if cache is None else (cache.k, cache.v)
-            x, kvs = scan_blocks(self.layers, x, run, kv, policy=policy)
             if cache is not None:
-                cache = KVCache(*kvs, key_mask, cache.index + t)
-            return self.norm(x), cache
+                def step(block, h, _, i, kv):
+                    return block(h, ctx, (*kv, i), window)
+
+                x, kv = scan_cached_blocks(self.layers, x, step, (cache.k, cache.v))
+                return self.norm(x), KVCache(*kv, key_mask, cache.index + t)
+
+            def run(block, h, _):
+                return block(h, ctx, None, window)[0], None
+
+            x, _ = scan_blocks(self.layers, x, run, policy=policy)
+            return self.norm(x), None
         ks, vs = [], []
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
