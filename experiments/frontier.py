@@ -30,6 +30,8 @@ of about 0.02 are within noise):
   * Online methods improve r* steadily at small KL: after 20 rollouts P3O V1 +0.044..+0.071 at
     KL 0.15-0.21, P3O V2 +0.022..+0.062 at 0.10-0.14, PPO +0.038..+0.053 at 0.03-0.16, online
     DPO +0.043..+0.055 at 0.14-0.33 (seed 1: all four +0.032..+0.038 at KL 0.19-0.25).
+    GRPO, Dr. GRPO and RLOO (`--algos grpo,dr_grpo,rloo`, results/frontier_group): +0.022..+0.031
+    at KL 0.08-0.14, indistinguishable from each other at this scale.
   * Offline DPO (lr 1e-3 from its config) is erratic: its best gain, +0.082, costs KL 1.9, and
     beta 0.1 ends at KL 6.5 and -0.091; in seed 1 no DPO evaluation beats the SFT policy (beta 0.3
     ends at KL 9.4, -0.53). IPO: best +0.063 at KL 1.6 (tau 0.3), tau 3 stays below KL 0.3
