@@ -7,7 +7,7 @@ WORKDIR ?= workdirs/demo
 .PHONY: demo test lint bench bench-trl-env trl-parity clean
 
 $(VENV)/.base: setup.cfg pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(VENV)/bin/pip || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e .
 	touch $@
@@ -41,7 +41,7 @@ trl-parity: $(VENV)/.test $(TRL_VENV)/.trl
 	$(PY) -m pytest -q -p no:xdist tests/test_trl_parity.py
 
 $(TRL_VENV)/.trl:
-	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	test -x $(TRL_VENV)/bin/pip || $(PYTHON) -m venv $(TRL_VENV)
 	$(TRL_VENV)/bin/pip install -q torch==2.13.0 trl==1.16.0 transformers datasets accelerate \
 		mistral-common sentencepiece protobuf peft
 	touch $@

@@ -1,30 +1,28 @@
 """End to end against HF TRL: `python -m prefjax.main` and TRL's DPOTrainer, from the same HF
 weights and jsonl, compute the same loss at every step (DPO with AdamW, IPO with plain SGD).
 
-TRL runs in its own environment (benchmarks/.venv-trl), created here with `make bench-trl-env`
-when missing: the one test that needs the package registries (CI has them; without them it
-fails, saying so). The checkpoint is a tiny random Qwen2
+TRL runs in its own environment (benchmarks/.venv-trl), created with `make bench-trl-env` when
+missing (tests/trl_env.py; it needs the package registries: CI has them, and without them the
+test fails, saying so). The checkpoint is a tiny random Qwen2
 (transformers + torch, `save_pretrained`) with a character-level tokenizer, the data 8 pairs of
 short strings; configs/trl_parity.py and tests/trl_parity_worker.py hold the matched settings.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from prefjax.metrics import read_metrics
+from tests.trl_env import trl_python
 
 ROOT = Path(__file__).resolve().parents[1]
-TRL_VENV = ROOT / "benchmarks" / ".venv-trl"
 PAIRS, STEPS = 8, 6
 # name -> prefjax config args and TRL's DPOConfig settings for the same run
 RUNS = {
@@ -36,22 +34,6 @@ RUNS = {
 RTOL = 1e-4  # per-step loss, relative (the issue's bound)
 
 pytestmark = pytest.mark.slow
-
-
-def trl_python() -> Path:
-    """TRL's interpreter, building its environment first when it is missing (one builder at a
-    time across test workers: a file lock)."""
-    lock = Path(tempfile.gettempdir()) / "prefjax-trl-env.lock"
-    with open(lock, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        if not (TRL_VENV / ".trl").exists():
-            r = subprocess.run(["make", "bench-trl-env"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=1800)
-            if r.returncode:
-                pytest.fail(f"`make bench-trl-env` failed (it needs the package "
-                            f"registries):\n{r.stdout[-3000:]}\n"
-                            f"{r.stderr[-3000:]}")
-    return TRL_VENV / "bin" / "python"
 
 
 def write_pairs(path: Path, n: int, seed: int = 0) -> Path:

@@ -13,6 +13,9 @@ file of the last release that has it (TRL 0.24.0, its wheel fetched once into th
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import subprocess
 import tempfile
 import textwrap
@@ -37,15 +40,27 @@ np.savez(sys.argv[2], **{k: np.asarray(v) for k, v in outputs.items()})
 """
 
 
+@contextlib.contextmanager
+def _env_lock():
+    """One builder at a time across pytest workers: without it a second worker sees the
+    half-made venv's `bin/python` and runs its `pip` before the first has installed it."""
+    key = hashlib.sha1(str(TRL_VENV.resolve()).encode()).hexdigest()[:12]
+    with open(Path(tempfile.gettempdir()) / f"prefjax-trl-env-{key}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def trl_python() -> Path:
     """The TRL env's python, building the env first when its stamp file is missing."""
     py = TRL_VENV / "bin" / "python"
-    if not (TRL_VENV / ".trl").exists() or not py.exists():
-        p = subprocess.run(["make", "bench-trl-env"], cwd=ROOT, capture_output=True, text=True,
-                           timeout=3600)
-        if p.returncode != 0:
-            raise RuntimeError("the TRL environment is missing and `make bench-trl-env` failed "
-                               f"(it needs the package index):\n{p.stderr[-2000:]}")
+    with _env_lock():
+        if not (TRL_VENV / ".trl").exists() or not py.exists():
+            p = subprocess.run(["make", "bench-trl-env"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=3600)
+            if p.returncode != 0:
+                raise RuntimeError("the TRL environment is missing and `make bench-trl-env` "
+                                   f"failed (it needs the package index):\n{p.stdout[-2000:]}\n"
+                                   f"{p.stderr[-2000:]}")
     return py
 
 
@@ -71,12 +86,14 @@ def legacy_trl_source(path: str) -> str:
     """The text of `path` (e.g. "trl/trainer/ppo_trainer.py") in the TRL 0.24.0 wheel."""
     folder = TRL_VENV / "legacy"
     wheel = folder / f"trl-{LEGACY_TRL}-py3-none-any.whl"
-    if not wheel.exists():
-        p = subprocess.run([str(trl_python()), "-m", "pip", "download", "-q", "--no-deps",
-                            f"trl=={LEGACY_TRL}", "-d", str(folder)],
-                           capture_output=True, text=True, timeout=600)
-        if p.returncode != 0 or not wheel.exists():
-            raise RuntimeError(f"could not fetch the TRL {LEGACY_TRL} wheel (it needs the "
-                               f"package index):\n{p.stderr[-2000:]}")
+    py = trl_python()
+    with _env_lock():
+        if not wheel.exists():
+            p = subprocess.run([str(py), "-m", "pip", "download", "-q", "--no-deps",
+                                f"trl=={LEGACY_TRL}", "-d", str(folder)],
+                               capture_output=True, text=True, timeout=600)
+            if p.returncode != 0 or not wheel.exists():
+                raise RuntimeError(f"could not fetch the TRL {LEGACY_TRL} wheel (it needs the "
+                                   f"package index):\n{p.stderr[-2000:]}")
     with zipfile.ZipFile(wheel) as z:
         return z.read(path).decode()
