@@ -419,7 +419,10 @@ def child_peak(workdir: Path, num_steps: int, hold: bool = False) -> dict:
     # stay in theirs and XLA's threads cannot reuse them, which adds ~15% of RSS to a resume
     # without any live copy. Two arenas (both runs alike) make RSS follow live memory.
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "PYTHONPATH": str(root), "MALLOC_ARENA_MAX": "2"}
+           "PYTHONPATH": str(root), "MALLOC_ARENA_MAX": "2",
+           # both runs compile: a resume that loads the fresh run's programs from the test
+           # session's compilation cache would peak lower for that reason alone
+           "JAX_ENABLE_COMPILATION_CACHE": "false"}
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(workdir), str(num_steps),
                           "hold" if hold else "lean"],
                          capture_output=True, text=True, env=env, cwd=root, timeout=300)
