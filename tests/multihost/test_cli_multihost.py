@@ -50,10 +50,13 @@ RUNS = {  # {samples} stands for a completion-format file of reference samples
     "mpo_generate": [*MPO, "--config.mpo.ref_samples=generate"],
     "mpo_file": [*MPO, "--config.mpo.ref_samples={samples}"],
     "ppo": ["--config=configs/ppo_synthetic.py:smoke"],
-    "p3o_v1": ["--config=configs/p3o_synthetic.py:smoke,variant=v1"],
+    # P3O's variants differ only inside the loss (tests/losses), not in what crosses hosts
     "p3o_v2": ["--config=configs/p3o_synthetic.py:smoke,variant=v2"],
-    "p3o_official": ["--config=configs/p3o_synthetic.py:smoke,variant=official"],
     "online_dpo": ["--config=configs/online_dpo_synthetic.py:smoke"],
+    # group sampling, dynamic sampling's masked groups and DAPO's token mean over the batch
+    "grpo_dapo": ["--config=configs/grpo_synthetic.py:smoke,variant=dapo"],
+    # unpaired rows; the KL reference point pairs each completion with another row's prompt
+    "kto": ["--config=configs/kto_synthetic.py:smoke"],
 }
 # killed on host 1 and resumed: one online trainer (RNG and prompt position in the checkpoint)
 # and one offline trainer with an extra row group (two loader positions, stored samples)

@@ -68,10 +68,11 @@ def test_group_algorithm_raises_ground_truth_reward_over_sft(sft_policy, tmp_pat
 def test_grpo_solves_more_of_the_verifiable_task_than_its_sft_policy(tmp_path):
     """GRPO on the exact-match task (prefjax.data.verifiable) from a longer SFT policy than
     `sft_policy` (which solves ~0%, leaving GRPO no signal): the held-out solve rate rises
-    well above the SFT policy's (measured: 7% -> 20% in 48 steps)."""
+    well above the SFT policy's (measured: 6.2% -> 19.5% in 48 steps after 800 SFT steps;
+    7.0% -> 20.3% after 1500; 600 steps leave 4.7% -> 13.3%, too close to the bound)."""
     c = load_config(ROOT / "configs" / "sft_synthetic.py")
-    c.data.num_train, c.train.num_steps = 32768, 1500
-    c.train.eval_every = c.train.save_every = 1500
+    c.data.num_train, c.train.num_steps = 32768, 800
+    c.train.eval_every = c.train.save_every = 800
     run(c, str(tmp_path / "sft"))
     finals = {}
     for name, lr, steps in (("base", 1e-12, 1), ("grpo", 5e-4, 48)):
