@@ -8,6 +8,7 @@ max_new_tokens and sampling settings. Scenarios:
   greedy       no EOS: every row generates max_new_tokens on both sides (checked); `agree` is
                the fraction of generated tokens where prefjax and HF pick the same id
   sample       top-k/top-p sampling, no EOS (equal work on both sides)
+  sample_topp  top-p alone (HF top_k=0): a cut over the whole vocabulary every step
   sample_eos   the same with --eos-frac of the vocabulary as EOS ids (several ids: any ends a
                row), so responses have mixed lengths: HF decodes a batch until its longest row
                ends; prefjax refills a finished row from the queue (continuous batching)
@@ -55,6 +56,8 @@ SCENARIOS = {  # name -> (prefjax Sampler kwargs, HF generate kwargs, samples pe
     #                  prefjax gets the prompts tiled instead of num_samples)
     "greedy": (dict(greedy=True), dict(do_sample=False), 1, False, False),
     "sample": (*SAMPLE, 1, False, False),
+    "sample_topp": (dict(temperature=0.8, top_p=0.95),
+                    dict(do_sample=True, temperature=0.8, top_k=0, top_p=0.95), 1, False, False),
     "sample_eos": (*SAMPLE, 1, True, False),
     "sample_eos_n4": (*SAMPLE, 4, True, False),
     "sample_eos_tiled4": (*SAMPLE, 4, True, True),

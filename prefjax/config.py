@@ -85,6 +85,16 @@ def base_config() -> ConfigDict:
     c.online.reward = "oracle"
     c.online.max_new_tokens = 8  # response slots per sample
     c.online.temperature = 1.0  # sampling temperature T (TRL's PPO default is 0.7)
+    # truncated sampling (TRL's generation top_k / top_p): 0 / 1.0 = off. Only the draw is
+    # truncated; every log-prob (sampler, old policy, reference) stays the full softmax at T
+    c.online.top_k = 0
+    c.online.top_p = 1.0
+    # the rollout engine: KV-cache rows decoded at once; 0 = every sampled row at once, N =
+    # continuous batching over N rows (a finished row takes the next sample of the queue), which
+    # bounds the cache at N rows and changes no sample. prefill_buckets: with N > 0, a refill
+    # prefills only the last p / 2^i prompt columns that hold the prompt (one program per bucket)
+    c.online.cache_rows = 0
+    c.online.prefill_buckets = 1
     # score policy, old-policy and reference log-probs at T, i.e. from logits / T, the
     # distribution the samples came from (TRL's PPO/GRPO/RLOO); False = at T = 1 (TRL's online
     # DPO; prefjax before this field). Only matters when temperature != 1.

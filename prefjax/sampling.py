@@ -43,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from prefjax.models import cache as kvc
 from prefjax.models.cache import KVCache
 from prefjax.parallel import DEFAULT_RULES, Rules, batch_sharding, logical_to_spec
+from prefjax.token_choice import pick
 
 Array = jax.Array
 
@@ -90,7 +91,8 @@ class Sampler:
     max_new_tokens: n, the static number of new-token slots (rows stop early at EOS; the loop
         stops when every row has).
     temperature > 0 (any value with greedy), top_k (None or 0: off), top_p in (0, 1] (1: off):
-        applied in that order, as HF does; top-k keeps exactly k tokens (`lax.top_k`).
+        applied in that order, as HF does; top-k keeps exactly k tokens (`lax.top_k`). The
+        choice is `prefjax.token_choice.pick`; log-probs stay those of the full softmax at T.
     greedy: argmax instead of drawing (no key needed).
     eos_id: one id or several (any ends a row, e.g. Llama-3-Instruct's 128001 and 128009;
         `prefjax.train.build.eos_ids` reads them); None: never stop early.
@@ -234,35 +236,6 @@ class Sampler:
         return cache._replace(k=jax.tree.map(shard, cache.k), v=jax.tree.map(shard, cache.v),
                               mask=self._shard(cache.mask, ("batch", "seq")))
 
-    def _pick(self, logits: Array, keys: Array) -> tuple[Array, Array]:
-        """(token [b] int32, its log-prob [b] under softmax(logits / T)) from logits [b, v],
-        row i drawing with keys[i]."""
-        z = logits / self.temperature
-        tok = _first_argmax(logits) if self.greedy else self._draw(z, keys)
-        tok = tok.astype(jnp.int32)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tok[:, None], axis=-1)[:, 0]
-        return tok, lp
-
-    def _draw(self, z: Array, keys: Array) -> Array:
-        """A token [b] drawn from softmax(z) [b, v] restricted to the top-k, then top-p set.
-
-        With top-k on, everything after `lax.top_k` works on the k candidates only: a full
-        vocabulary sort (what top-p alone needs) costs more than a decode step on CPU.
-        """
-        idx = None
-        if 0 < self.top_k < z.shape[-1]:
-            z, idx = jax.lax.top_k(z, self.top_k)  # sorted descending
-        if self.top_p < 1:
-            zs = z if idx is not None else -jnp.sort(-z, axis=-1)
-            ps = jax.nn.softmax(zs, axis=-1)
-            # keep the smallest prefix whose mass reaches top_p: a token stays while the mass
-            # strictly before it is < top_p, so the most likely token always stays
-            keep = (jnp.cumsum(ps, axis=-1) - ps) < self.top_p
-            last = jnp.sum(keep, axis=-1, keepdims=True) - 1
-            z = jnp.where(z < jnp.take_along_axis(zs, last, axis=-1), -jnp.inf, z)
-        choice = jax.vmap(jax.random.categorical)(keys, z)  # each row its own stream
-        return choice if idx is None else jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
-
     def _generate(self, graphdef, state, ids: Array, mask: Array, key: Array) -> Samples:
         self.traces += 1  # runs only while tracing
         model = nnx.merge(graphdef, state)
@@ -290,7 +263,8 @@ class Sampler:
 
         def emit(logits, r: _Rows, bufs):
             """Each live row draws its token t into the buffers; rows that end stop."""
-            tok, lp = self._pick(logits, row_keys(r.unit, r.t))
+            tok, lp = pick(logits, row_keys(r.unit, r.t), temperature=self.temperature,
+                           top_k=self.top_k, top_p=self.top_p, greedy=self.greedy)
             at = jnp.where(r.live, r.unit, units)  # out of range: dropped
             bufs = (bufs[0].at[at, r.t].set(tok, mode="drop"),
                     bufs[1].at[at, r.t].set(1, mode="drop"),
@@ -380,17 +354,6 @@ class Sampler:
 
         return lambda cache, r, bufs, queue: jax.lax.while_loop(cond, body,
                                                                 (cache, r, bufs, queue))
-
-
-def _first_argmax(x: Array) -> Array:
-    """`jnp.argmax(x, axis=-1)` (the first index of the maximum) for x [b, v] without NaN.
-
-    A max, a compare and a min: XLA CPU runs argmax's (value, index) reduction unvectorised,
-    ~5x slower on [32, 4096] logits, a tenth of a small model's decode step.
-    """
-    v = x.shape[-1]
-    hit = x == jnp.max(x, axis=-1, keepdims=True)
-    return jnp.minimum(jnp.min(jnp.where(hit, jnp.arange(v), v), axis=-1), v - 1)
 
 
 def _typed_key(key, b: int) -> Array:

@@ -12,7 +12,8 @@ from prefjax import lm
 from prefjax.models.gpt2 import GPT2, GPT2Config
 from prefjax.models.llama import Llama, LlamaConfig
 from prefjax.parallel import make_mesh, param_shardings
-from prefjax.sampling import Sampler, Samples, _first_argmax, sample, training_rows
+from prefjax.sampling import Sampler, Samples, sample, training_rows
+from prefjax.token_choice import first_argmax, top_p_cut
 
 V, P, N = 64, 8, 6
 LENS = (8, 5, 3, 1)  # real prompt tokens per row (left padded to P)
@@ -207,7 +208,7 @@ def filtered_probs(z, top_k=0, top_p=1.0):
     return p / p.sum()
 
 
-@pytest.mark.parametrize("t,top_k,top_p", [(0.8, 0, 1.0), (2.0, 10, 0.85)])
+@pytest.mark.parametrize("t,top_k,top_p", [(0.8, 0, 1.0), (2.0, 10, 0.85), (1.5, 0, 0.7)])
 def test_one_step_distribution_matches_softmax(llama, t, top_k, top_p):
     ids, mask = prompts([5], seed=4)
     n = 4096
@@ -286,4 +287,32 @@ def test_greedy_pick_is_argmax_with_ties():
     included (small integer logits tie often)."""
     x = np.random.default_rng(0).integers(-3, 4, (64, 300)).astype(np.float32)
     x[0] = 1.0  # a row that is all ties
-    np.testing.assert_array_equal(np.asarray(jax.jit(_first_argmax)(x)), np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(x)), np.argmax(x, axis=-1))
+
+
+def kept_by_sorting(z: np.ndarray, top_p: float) -> np.ndarray:
+    """bool [b, v]: top-p's set by its definition in float64: sort, keep a token while the mass
+    strictly before it is < top_p, then every token equal to the last one kept."""
+    out = []
+    for row in z.astype(np.float64):
+        p = np.exp(row - row.max())
+        p /= p.sum()
+        order = np.argsort(-row, kind="stable")
+        last = row[order][np.sum(np.cumsum(p[order]) - p[order] < top_p) - 1]
+        out.append(row >= last)
+    return np.array(out)
+
+
+def testtop_p_cut_without_sorting_keeps_the_sorted_set():
+    """`top_p_cut` (bisection over the float order, no sort) against the sorted rule: small
+    vocabularies of rounded logits (many ties, -0.0 beside 0.0, -inf) and 4096-token rows."""
+    r = np.random.default_rng(0)
+    cut = jax.jit(top_p_cut, static_argnums=1)
+    for _ in range(40):
+        v, top_p = int(r.integers(2, 12)), float(r.uniform(0.05, 0.99))
+        z = np.round(r.standard_normal((16, v)), 1).astype(np.float32)
+        z[0, 0], z[1, :2], z[2, -1] = -0.0, (0.0, -0.0), -np.inf
+        np.testing.assert_array_equal(np.asarray(cut(z, top_p)), kept_by_sorting(z, top_p))
+    z = (3 * r.standard_normal((8, 4096))).astype(np.float32)
+    for top_p in (0.3, 0.9, 0.999):
+        np.testing.assert_array_equal(np.asarray(cut(z, top_p)), kept_by_sorting(z, top_p))

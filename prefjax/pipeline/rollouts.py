@@ -108,6 +108,13 @@ def check_online(c: ConfigDict, rec: Algorithm) -> None:
         raise ValueError("online.value_model='reward' initialises the value model from the "
                          "reward model, but online.reward='oracle' has none: set online.reward "
                          "to a reward-model folder or online.value_model='shared'")
+    if isinstance(o.top_k, bool) or not isinstance(o.top_k, int) or o.top_k < 0:
+        raise ValueError(f"online.top_k must be an int >= 0 (0: off), got {o.top_k!r}")
+    if not 0 < float(o.top_p) <= 1:
+        raise ValueError(f"online.top_p must be in (0, 1] (1: off), got {o.top_p!r}")
+    for field, low in (("cache_rows", 0), ("prefill_buckets", 1)):
+        if isinstance(o[field], bool) or not isinstance(o[field], int) or o[field] < low:
+            raise ValueError(f"online.{field} must be an int >= {low}, got {o[field]!r}")
     # group settings (records whose samples_per_prompt is None read them)
     if isinstance(o.num_generations, bool) or int(o.num_generations) < 1:
         raise ValueError(f"online.num_generations must be an int >= 1, got {o.num_generations!r}")
@@ -210,8 +217,9 @@ def make_rollout(c: ConfigDict, rec: Algorithm, reference: nnx.Module, scorer: C
         # k samples per prompt from one prefill each, rows laid out as `_repeat` lays out the
         # prompts (the same samples as sampling the repeated prompts with this key)
         s = sample(model, ids, mask, step_key(state), max_new_tokens=o.max_new_tokens,
-                   temperature=o.temperature, eos_id=eos_id, pad_id=pad_id, mesh=mesh,
-                   num_samples=k)
+                   temperature=o.temperature, top_k=o.top_k, top_p=float(o.top_p),
+                   cache_rows=o.cache_rows or None, prefill_buckets=o.prefill_buckets,
+                   eos_id=eos_id, pad_id=pad_id, mesh=mesh, num_samples=k)
         if k > 1:
             ids, mask = _repeat(ids, mask, k, mesh)
         graphdef, params = nnx.split(model)

@@ -44,3 +44,30 @@ def test_bad_group_settings_fail_at_start_naming_the_field():
         c.online[field] = value
         with pytest.raises(ValueError, match=f"online.{field}"):
             check_online(c, records.get("grpo"))
+
+
+def grpo_run(tmp_path, name: str, **online) -> list[dict]:
+    from prefjax.main import run
+
+    c = load_config(ROOT / "configs" / "grpo_synthetic.py", "smoke")
+    c.train.num_steps, c.train.log_every, c.train.eval_every = 2, 1, 100
+    c.train.export_hf = False
+    for k, v in online.items():
+        c.online[k] = v
+    run(c, str(tmp_path / name))
+    return [r for r in read_metrics(tmp_path / name) if "loss" in r]
+
+
+@pytest.mark.slow
+def test_rollout_engine_settings_reach_the_sampler(tmp_path):
+    """online.top_k / cache_rows / prefill_buckets drive the trainer's sampler: with top_k=1
+    the k samples of a prompt are one greedy response, so every group's rewards are equal and
+    GRPO's loss is exactly 0; continuous batching over 3 cache rows samples the same rollouts
+    as all rows at once (the same metrics)."""
+    base = grpo_run(tmp_path, "base")
+    assert all(r["loss"] != 0 for r in base)
+    assert all(r["loss"] == 0 for r in grpo_run(tmp_path, "top1", top_k=1))
+    cont = grpo_run(tmp_path, "cont", cache_rows=3, prefill_buckets=2, top_p=1.0)
+    for a, b in zip(base, cont, strict=True):
+        for k in ("loss", "rollout/length", "objective/neg_logp", "objective/entropy"):
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, err_msg=k)

@@ -96,6 +96,11 @@ def online_config(name, **online):
     ("ppo_synthetic", {"value_model": "reward"}, "value_model='reward'"),
     ("ppo_synthetic", {"value_model": "big"}, "value_model"),
     ("p3o_synthetic", {"value_model": "reward"}, "value_model"),
+    ("grpo_synthetic", {"top_k": -1}, "online.top_k"),
+    ("grpo_synthetic", {"top_p": 0.0}, "online.top_p"),
+    ("ppo_synthetic", {"top_p": 1.5}, "online.top_p"),
+    ("grpo_synthetic", {"cache_rows": -2}, "online.cache_rows"),
+    ("rloo_synthetic", {"prefill_buckets": 0}, "online.prefill_buckets"),
 ])
 def test_online_settings_an_algorithm_cannot_use_fail_at_start(name, online, match):
     c = online_config(name, **online)
