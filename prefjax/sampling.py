@@ -245,7 +245,19 @@ class Sampler:
         rows = min(self.cache_rows or units, units)
         keys = key if key.ndim else jax.vmap(jax.random.fold_in, (None, 0))(
             key, jnp.arange(units))  # one per output row
-        w = model.unembed()
+        # The output projection of a tied embedding is its transpose. XLA CPU's dots want it
+        # as [d, v] rows and would transpose it at every use inside the loops, so on CPU it is
+        # taken once (a copy in host memory). The TPU compiler reads [v, d] as it lies, and
+        # hoisting there made a copy of the whole embedding that the loops carry (544 MB of
+        # HBM at Qwen2.5-0.5B, benchmarks/rollout_memory.py): there it is read at each use.
+        mesh = self.mesh
+        on = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        w = model.unembed() if on == "cpu" else None
+
+        def logits_of(h):  # [g, d] -> float32 [g, v]
+            return jnp.matmul(h, model.unembed() if w is None else w,
+                              preferred_element_type=jnp.float32)
+
         eos = jnp.asarray(self.eos or (-1,), jnp.int32)
         width = p + n - 1  # slots a row uses: its prompt and every token fed back
         # continuous batching: room to run `slack` steps between shifts of the whole cache
@@ -255,7 +267,7 @@ class Sampler:
             """(cache [g, p'] of the prompts, logits [g, v] of their next token)."""
             cache = _decoder(model).init_cache(ids.shape[0], ids.shape[1], self.cache_dtype)
             h, cache = model.hidden_states(ids, mask, cache=self._shard_cache(cache))
-            return cache, jnp.matmul(h[:, -1], w, preferred_element_type=jnp.float32)
+            return cache, logits_of(h[:, -1])
 
         def row_keys(unit, t):
             out_row = jnp.clip((unit % k) * q + unit // k, 0, units - 1)
@@ -297,7 +309,7 @@ class Sampler:
             # a finished row feeds its pad with mask 0: it no longer advances positions
             h, cache = model.hidden_states(r.tok[:, None], r.live[:, None].astype(jnp.int32),
                                            cache=cache)
-            r, bufs = emit(jnp.matmul(h[:, -1], w, preferred_element_type=jnp.float32), r, bufs)
+            r, bufs = emit(logits_of(h[:, -1]), r, bufs)
             cache = self._shard_cache(cache)
             if refill is not None:
                 cache, r, bufs, queue = refill(cache, r, bufs, queue)

@@ -1,0 +1,115 @@
+"""What a real-shape rollout costs in memory, from the compiler: the rollout engine with and
+without continuous batching (`online.cache_rows`).
+
+A GRPO-sized rollout on the Qwen2.5-0.5B shape (`configs/shapes/qwen2_5_0_5b.json`: 24 layers,
+2 kv heads of 64, vocab 151936; float32 weights as the trainers hold them): --prompts prompts of
+--prompt-len tokens, --samples samples each, --new tokens (TRL's GRPO defaults: 512 / 8 / 256).
+For each `cache_rows`, the sampler's whole jitted generation is compiled from abstract shapes
+(no weights, no data) for one chip of --topology (default one TPU v5e chip, by the TPU compiler
+on this CPU host; `cpu` = this host) and XLA's `memory_analysis()` gives its arguments (the
+parameters and prompts), temporaries (the KV cache, the prefill's activations, the output
+buffers, everything else live at the peak) and their total. Properties of the compiled program:
+the machine's load does not change them.
+
+    .venv/bin/python benchmarks/rollout_memory.py    # table + results/rollout_memory.json
+    .venv/bin/python benchmarks/rollout_memory.py --topology cpu --out /tmp/cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _report import machine, write  # benchmarks/_report.py (scripts run from this folder)
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from prefjax.config import base_config
+from prefjax.parallel import make_mesh
+from prefjax.plan import topology_devices
+from prefjax.plan_shapes import decoder_fn
+from prefjax.sampling import Sampler
+
+HERE = Path(__file__).resolve().parent
+GB = 1e9
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default=str(HERE.parent / "configs" / "shapes" / "qwen2_5_0_5b.json"))
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--cache-rows", default="0,64,32,16", help="0: every sampled row at once")
+    p.add_argument("--topology", default="v5e:2x2", help="compile for its first chip; cpu: host")
+    p.add_argument("--out", default=str(HERE / "results" / "rollout_memory.json"))
+    return p.parse_args()
+
+
+def kv_bytes_per_slot(cfg) -> int:
+    """Bytes one row's KV cache takes per token slot (float32, every layer, K and V)."""
+    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
+    return cfg.num_layers * 2 * cfg.num_kv_heads * head_dim * 4
+
+
+def measure(model_state, graphdef, a, rows: int, mesh) -> dict:
+    s = Sampler(max_new_tokens=a.new, temperature=1.0, num_samples=a.samples,
+                cache_rows=rows or None, eos_id=0, mesh=mesh)
+    here = NamedSharding(mesh, PartitionSpec())
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
+                         model_state)
+    ids = jax.ShapeDtypeStruct((a.prompts, a.prompt_len), jnp.int32, sharding=here)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=here)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = s._jit.lower(graphdef, state, ids, ids, key).compile()
+    m = compiled.memory_analysis()
+    return dict(cache_rows=rows, compile_s=round(time.perf_counter() - t0, 1),
+                arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
+                temporaries=m.temp_size_in_bytes,
+                total=m.argument_size_in_bytes + m.output_size_in_bytes
+                - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
+
+def main() -> None:
+    a = parse()
+    c = base_config()
+    c.model.source, c.model.dtype = a.shape, "float32"
+    make, cfg, _ = decoder_fn(c)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+    units = a.prompts * a.samples
+    chip = (jax.devices("cpu") if a.topology == "cpu" else topology_devices(a.topology)[0])[0]
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[chip])
+    rows = []
+    for r in (int(x) for x in a.cache_rows.split(",")):
+        rows.append(measure(state, graphdef, a, r, mesh))
+        # the engine's cache: every row at once holds p + n - 1 slots; with refills, slack too
+        width = a.prompt_len + a.new - 1
+        slots = width if r in (0, units) else width + max(8, width // 4)
+        rows[-1]["kv_cache_bytes"] = min(r or units, units) * slots * kv_bytes_per_slot(cfg)
+        print(f"cache_rows {r}: {rows[-1]}", flush=True)
+
+    print(f"rollout: {a.prompts} prompts x {a.samples} samples, prompt {a.prompt_len}, new "
+          f"{a.new}; {params / 1e6:.0f} M float32 parameters ({Path(a.shape).name}); compiled "
+          f"for one {chip.device_kind} chip")
+    print("| cache_rows | KV cache GB | arguments GB | temporaries GB | total GB |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['cache_rows'] or 'all (' + str(units) + ')'} | {r['kv_cache_bytes'] / GB:.2f}"
+              f" | {r['arguments'] / GB:.2f} | {r['temporaries'] / GB:.2f} | "
+              f"{r['total'] / GB:.2f} |")
+    write(dict(benchmark="rollout_memory", shape=Path(a.shape).name, params=params,
+               compiled_for=f"{chip.device_kind} ({a.topology})",
+               sizes=dict(prompts=a.prompts, samples=a.samples, prompt_len=a.prompt_len,
+                          new=a.new), rows=rows, machine=machine()), a.out)
+
+
+if __name__ == "__main__":
+    main()
