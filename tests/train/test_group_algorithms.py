@@ -46,28 +46,46 @@ def test_bad_group_settings_fail_at_start_naming_the_field():
             check_online(c, records.get("grpo"))
 
 
-def grpo_run(tmp_path, name: str, **online) -> list[dict]:
+def grpo_rollouts(tmp_path, monkeypatch, name: str, **online) -> tuple[list, list[dict]]:
+    """(sampled tokens of each rollout [k * B, n], metric records) of a 2-step GRPO smoke run."""
     from prefjax.main import run
+    from prefjax.pipeline import rollouts
+    from prefjax.sampling import sample
 
+    tokens = []
+
+    def recording(*args, **kwargs):
+        s = sample(*args, **kwargs)
+        tokens.append(np.asarray(s.tokens))
+        return s
+
+    monkeypatch.setattr(rollouts, "sample", recording)
     c = load_config(ROOT / "configs" / "grpo_synthetic.py", "smoke")
     c.train.num_steps, c.train.log_every, c.train.eval_every = 2, 1, 100
     c.train.export_hf = False
     for k, v in online.items():
         c.online[k] = v
     run(c, str(tmp_path / name))
-    return [r for r in read_metrics(tmp_path / name) if "loss" in r]
+    return tokens, [r for r in read_metrics(tmp_path / name) if "loss" in r]
 
 
 @pytest.mark.slow
-def test_rollout_engine_settings_reach_the_sampler(tmp_path):
+def test_rollout_engine_settings_reach_the_sampler(tmp_path, monkeypatch):
     """online.top_k / cache_rows / prefill_buckets drive the trainer's sampler: with top_k=1
-    the k samples of a prompt are one greedy response, so every group's rewards are equal and
-    GRPO's loss is exactly 0; continuous batching over 3 cache rows samples the same rollouts
-    as all rows at once (the same metrics)."""
-    base = grpo_run(tmp_path, "base")
-    assert all(r["loss"] != 0 for r in base)
-    assert all(r["loss"] == 0 for r in grpo_run(tmp_path, "top1", top_k=1))
-    cont = grpo_run(tmp_path, "cont", cache_rows=3, prefill_buckets=2, top_p=1.0)
-    for a, b in zip(base, cont, strict=True):
-        for k in ("loss", "rollout/length", "objective/neg_logp", "objective/entropy"):
-            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, err_msg=k)
+    the k samples of each prompt are one greedy response (rows are sample-major), which full
+    sampling never gives here; continuous batching over 3 cache rows with 2 prefill buckets
+    samples the same tokens as all rows at once, so the runs log the same metrics."""
+    k = load_config(ROOT / "configs" / "grpo_synthetic.py", "smoke").online.num_generations
+    base, base_recs = grpo_rollouts(tmp_path, monkeypatch, "base")
+    top1, _ = grpo_rollouts(tmp_path, monkeypatch, "top1", top_k=1)
+    cont, cont_recs = grpo_rollouts(tmp_path, monkeypatch, "cont", cache_rows=3,
+                                    prefill_buckets=2)
+    assert len(base) == len(top1) == len(cont) == 2
+    for t1, t0, tc in zip(top1, base, cont, strict=True):
+        groups1, groups0 = t1.reshape(k, -1, t1.shape[-1]), t0.reshape(k, -1, t0.shape[-1])
+        assert (groups1 == groups1[:1]).all()
+        assert not (groups0 == groups0[:1]).all(axis=(0, 2)).any()
+        np.testing.assert_array_equal(tc, t0)
+    for a, b in zip(base_recs, cont_recs, strict=True):
+        for key in ("loss", "rollout/length", "objective/neg_logp", "objective/entropy"):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=key)
