@@ -32,7 +32,7 @@ from prefjax.config import base_config
 from prefjax.parallel import make_mesh
 from prefjax.plan import topology_devices
 from prefjax.plan_shapes import decoder_fn
-from prefjax.sampling import Sampler
+from prefjax.sampling import Sampler, cache_slack
 
 HERE = Path(__file__).resolve().parent
 GB = 1e9
@@ -90,9 +90,8 @@ def main() -> None:
     rows = []
     for r in (int(x) for x in a.cache_rows.split(",")):
         rows.append(measure(state, graphdef, a, r, mesh))
-        # the engine's cache: every row at once holds p + n - 1 slots; with refills, slack too
-        width = a.prompt_len + a.new - 1
-        slots = width if r in (0, units) else width + max(8, width // 4)
+        width = a.prompt_len + a.new - 1  # a row's slots; with refills, the engine's slack too
+        slots = width + cache_slack(width, continuous=0 < r < units)
         rows[-1]["kv_cache_bytes"] = min(r or units, units) * slots * kv_bytes_per_slot(cfg)
         print(f"cache_rows {r}: {rows[-1]}", flush=True)
 

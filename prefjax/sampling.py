@@ -260,8 +260,7 @@ class Sampler:
 
         eos = jnp.asarray(self.eos or (-1,), jnp.int32)
         width = p + n - 1  # slots a row uses: its prompt and every token fed back
-        # continuous batching: room to run `slack` steps between shifts of the whole cache
-        slack = 0 if rows == units else max(8, width // 4)
+        slack = cache_slack(width, continuous=rows < units)
 
         def prefill(ids, mask):
             """(cache [g, p'] of the prompts, logits [g, v] of their next token)."""
@@ -366,6 +365,13 @@ class Sampler:
 
         return lambda cache, r, bufs, queue: jax.lax.while_loop(cond, body,
                                                                 (cache, r, bufs, queue))
+
+
+def cache_slack(width: int, *, continuous: bool) -> int:
+    """Slots the engine's KV cache holds beyond `width` (= prompt + max_new_tokens - 1, what one
+    row uses): with continuous batching, room to run that many steps between shifts of the
+    whole cache (`cache.shift`); none when every row is decoded at once."""
+    return max(8, width // 4) if continuous else 0
 
 
 def _typed_key(key, b: int) -> Array:
