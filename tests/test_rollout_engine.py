@@ -199,12 +199,8 @@ def test_tied_unembedding_is_not_copied_through_the_tpu_decode_loop(v, d, rows):
     (544 MB at Qwen2.5-0.5B: 1.09 and 0.52 embeddings of temporaries in these two cases). The
     engine compiled for an abstract v5e chip (libtpu, no TPU; one layer, 4 prompts x 2 samples,
     with and without refills) keeps its temporaries under a quarter of the embedding."""
-    import os
-
     from prefjax.models.llama import Llama, LlamaConfig
-    from prefjax.plan import topology_devices
-
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from prefjax.plan import topology_devices  # sets ALLOW_MULTIPLE_LIBTPU_LOAD itself
     cfg = LlamaConfig(vocab_size=v, hidden_size=d, intermediate_size=64, num_layers=1,
                       num_heads=2, num_kv_heads=1, tie_word_embeddings=True)
     g, st = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))

@@ -303,7 +303,7 @@ def kept_by_sorting(z: np.ndarray, top_p: float) -> np.ndarray:
     return np.array(out)
 
 
-def testtop_p_cut_without_sorting_keeps_the_sorted_set():
+def test_top_p_cut_without_sorting_keeps_the_sorted_set():
     """`top_p_cut` (bisection over the float order, no sort) against the sorted rule: small
     vocabularies of rounded logits (many ties, -0.0 beside 0.0, -inf) and 4096-token rows."""
     r = np.random.default_rng(0)

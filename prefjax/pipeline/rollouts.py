@@ -108,11 +108,9 @@ def check_online(c: ConfigDict, rec: Algorithm) -> None:
         raise ValueError("online.value_model='reward' initialises the value model from the "
                          "reward model, but online.reward='oracle' has none: set online.reward "
                          "to a reward-model folder or online.value_model='shared'")
-    if isinstance(o.top_k, bool) or not isinstance(o.top_k, int) or o.top_k < 0:
-        raise ValueError(f"online.top_k must be an int >= 0 (0: off), got {o.top_k!r}")
     if not 0 < float(o.top_p) <= 1:
         raise ValueError(f"online.top_p must be in (0, 1] (1: off), got {o.top_p!r}")
-    for field, low in (("cache_rows", 0), ("prefill_buckets", 1)):
+    for field, low in (("top_k", 0), ("cache_rows", 0), ("prefill_buckets", 1)):
         if isinstance(o[field], bool) or not isinstance(o[field], int) or o[field] < low:
             raise ValueError(f"online.{field} must be an int >= {low}, got {o[field]!r}")
     # group settings (records whose samples_per_prompt is None read them)
