@@ -199,10 +199,19 @@ def test_tied_unembedding_is_not_copied_through_the_tpu_decode_loop(v, d, rows):
     (544 MB at Qwen2.5-0.5B: 1.09 and 0.52 embeddings of temporaries in these two cases). The
     engine compiled for an abstract v5e chip (libtpu, no TPU; one layer, 4 prompts x 2 samples,
     with and without refills) keeps its temporaries under a quarter of the embedding."""
-    from prefjax.models.llama import Llama, LlamaConfig
-    from prefjax.plan import topology_devices  # sets ALLOW_MULTIPLE_LIBTPU_LOAD itself
+    from prefjax.models.llama import LlamaConfig
     cfg = LlamaConfig(vocab_size=v, hidden_size=d, intermediate_size=64, num_layers=1,
                       num_heads=2, num_kv_heads=1, tie_word_embeddings=True)
+    m = compile_engine_for_v5e(cfg, rows).memory_analysis()
+    assert m.temp_size_in_bytes < 0.25 * v * d * 4, m.temp_size_in_bytes / (v * d * 4)
+
+
+def compile_engine_for_v5e(cfg, rows: int | None):
+    """The engine's whole generation for a Llama of `cfg` (abstract weights), 4 prompts of 8
+    tokens x 2 samples, compiled for one abstract v5e chip (libtpu, no TPU needed)."""
+    from prefjax.models import attention
+    from prefjax.models.llama import Llama
+    from prefjax.plan import topology_devices  # sets ALLOW_MULTIPLE_LIBTPU_LOAD itself
     g, st = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
     mesh = make_mesh({"data": 1}, devices=topology_devices("v5e:2x2")[0][:1])
     here = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -210,6 +219,17 @@ def test_tied_unembedding_is_not_copied_through_the_tpu_decode_loop(v, d, rows):
     key = spec(jax.eval_shape(lambda: jax.random.key(0)))
     ids = spec(jax.ShapeDtypeStruct((4, 8), np.int32))
     s = Sampler(max_new_tokens=4, num_samples=2, cache_rows=rows, mesh=mesh)
-    with jax.set_mesh(mesh):
-        m = s._jit.lower(g, jax.tree.map(spec, st), ids, ids, key).compile().memory_analysis()
-    assert m.temp_size_in_bytes < 0.25 * v * d * 4, m.temp_size_in_bytes / (v * d * 4)
+    with jax.set_mesh(mesh), attention.compiling_for("tpu"):
+        return s._jit.lower(g, jax.tree.map(spec, st), ids, ids, key).compile()
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_engine_compiles_for_a_tpu_with_splash_attention(scan):
+    """A model configured for splash attention (TPU: q_start static, lengths multiples of 128)
+    samples: its prefill into the cache runs blockwise and its decode steps read the cache
+    directly, with the cache index traced. Before, the first rollout of any online trainer
+    with `model.attention="splash"` failed on a TPU. Compiled for an abstract v5e chip."""
+    from prefjax.models.llama import LlamaConfig
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=64, num_layers=2,
+                      num_heads=2, num_kv_heads=1, attention_impl="splash", scan_layers=scan)
+    compile_engine_for_v5e(cfg, 3)

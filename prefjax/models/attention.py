@@ -65,13 +65,17 @@ def attend_cached(q: Array, k: Array, v: Array, *, key_mask: Array, q_start: Arr
                   window: int | None = None, scale: float, impl: str = "xla") -> Array:
     """`attend` over a KV cache's head-major buffers k/v [b, kh, s, d] (`cache.KVCache`).
 
-    "xla" reads them as they are (a decode step then copies no cached key); the other
-    implementations take them transposed to [b, s, kh, d].
+    A decode step (t == 1) reads them as they are with "xla" whatever `impl` says: its scores
+    are only [b, h, 1, s], so a kernel saves nothing, and the other implementations would take
+    the whole cache transposed to [b, s, kh, d], a copy of every cached key on every step.
+    Longer queries (a prefill into a cache) use `impl` on the transposed buffers, except
+    "splash", which needs a static q_start and a cache's is traced: "blockwise" there.
     """
     ks, vs = k.swapaxes(1, 2), v.swapaxes(1, 2)
-    if impl != "xla":
+    if impl != "xla" and q.shape[1] > 1:
         return attend(q, ks, vs, key_mask=key_mask, q_start=q_start, window=window,
-                      scale=scale, impl=impl)
+                      scale=scale, impl="blockwise" if impl == "splash" else impl)
+    impl = "xla"
     _check(q, ks, vs, key_mask, window, impl)  # shapes only: the transposes are dead code
     return kvc.attend_heads(q, k, v, allowed(key_mask, q_start, q.shape[1], window), scale)
 

@@ -3,6 +3,7 @@ autodiff softmax for gradients), and the blockwise one's O(t) saved activations.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 
@@ -144,6 +145,31 @@ def test_blockwise_decodes_with_traced_q_start():
                                    attention_np(q, k, v, allowed_np(key_mask, i, 1, None), 0.3),
                                    rtol=1e-5, atol=1e-5, err_msg=f"q_start={i}")
     assert f._cache_size() == 1
+
+
+@pytest.mark.parametrize("impl", [*CPU_IMPLS, "splash"])
+@pytest.mark.parametrize("t", [1, 3])
+def test_cached_attention_runs_every_impl_with_a_traced_index(impl, t):
+    """`attend_cached` over head-major cache buffers under jit (the index traced, as in the
+    sampler's loop), for a decode step (t = 1) and a multi-token write (t = 3), equals the
+    float64 reference. Splash, traced for a TPU, cannot take a traced q_start: a decode step
+    reads the cache with "xla" and a longer query runs "blockwise" (both run here on CPU)."""
+    b, s, h, kh, d, window = 2, 20, 4, 2, 8, None
+    key_mask = _mask(b, s, [(0, slice(0, 5)), (1, slice(12, None))])
+    q, k, v, _ = _inputs(b, t, s, h, kh, d)
+    kc, vc = k.swapaxes(1, 2), v.swapaxes(1, 2)  # the cache's layout [b, kh, s, d]
+    f = jax.jit(lambda q, kc, vc, i: attention.attend_cached(
+        q, kc, vc, key_mask=jnp.asarray(key_mask), q_start=i, window=window, scale=d ** -0.5,
+        impl=impl))
+    with attention.compiling_for("tpu") if impl == "splash" else contextlib.nullcontext():
+        for i in (4, 9):
+            np.testing.assert_allclose(
+                f(q, kc, vc, jnp.int32(i)),
+                attention_np(q, k, v, allowed_np(key_mask, i, t, window), d ** -0.5),
+                rtol=1e-5, atol=1e-5, err_msg=f"q_start={i}")
+        if t == 1:  # a decode step copies no cached key: no [b, s, kh, d] array in its program
+            hlo = f.lower(q, kc, vc, jnp.int32(4)).compile().as_text()
+            assert not re.search(rf"f32\[{b},{s},{kh},{d}\]", hlo), impl
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
