@@ -11,13 +11,23 @@ parameters and prompts), temporaries (the KV cache, the prefill's activations, t
 buffers, everything else live at the peak) and their total. Properties of the compiled program:
 the machine's load does not change them.
 
+The KV cache column is read from the compiled program, not assumed: at default matmul precision
+the TPU compiler stores a float32 model's cache in bfloat16, the precision its attention dots
+read it in (so half the float32 size), while XLA CPU keeps float32. --attention picks the
+model's attention implementation, which sets the prefill's memory: 'xla' materialises the
+[prompts, heads, p, p] scores of the first batched prefill, 'blockwise' and 'splash' do not.
+
     .venv/bin/python benchmarks/rollout_memory.py    # table + results/rollout_memory.json
+    .venv/bin/python benchmarks/rollout_memory.py --attention splash --out /tmp/splash.json
     .venv/bin/python benchmarks/rollout_memory.py --topology cpu --out /tmp/cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import re
 import time
 from pathlib import Path
 
@@ -29,6 +39,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from prefjax.config import base_config
+from prefjax.models import attention
 from prefjax.parallel import make_mesh
 from prefjax.plan import topology_devices
 from prefjax.plan_shapes import decoder_fn
@@ -47,17 +58,34 @@ def parse() -> argparse.Namespace:
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--cache-rows", default="0,64,32,16", help="0: every sampled row at once")
     p.add_argument("--topology", default="v5e:2x2", help="compile for its first chip; cpu: host")
+    p.add_argument("--attention", default="xla", help="model.attention: xla | blockwise | splash")
+    p.add_argument("--scan-layers", action="store_true", help="model.scan_layers (as the *_hh "
+                   "configs): one scanned block instead of 24 unrolled ones")
     p.add_argument("--out", default=str(HERE / "results" / "rollout_memory.json"))
     return p.parse_args()
 
 
-def kv_bytes_per_slot(cfg) -> int:
-    """Bytes one row's KV cache takes per token slot (float32, every layer, K and V)."""
-    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
-    return cfg.num_layers * 2 * cfg.num_kv_heads * head_dim * 4
+BYTES = {"f32": 4, "bf16": 2, "f16": 2}
 
 
-def measure(model_state, graphdef, a, rows: int, mesh) -> dict:
+def loop_cache(hlo: str, rows: int, kv_heads: int, slots: int, head_dim: int
+               ) -> tuple[int, list[str]]:
+    """(bytes, dtypes) of the KV cache as the compiled decode loop carries it: the arrays
+    shaped [(layers,) rows, kv_heads, slots, head_dim] in the result of the `while` of the
+    program's text that carries most of them. The compiler picks each buffer's dtype: the TPU
+    compiler may store one layer's cache in bf16 and another's in float32."""
+    shape = re.compile(rf"\b(\w+)\[((?:\d+,)?{rows},{kv_heads},{slots},{head_dim})\]")
+    loops = [shape.findall(line.split(" while(")[0]) for line in hlo.splitlines()
+             if " while(" in line]
+    found = max(loops, key=len, default=[])
+    if not found:
+        raise SystemExit("no while loop of the compiled program carries a KV cache of shape "
+                         f"[{rows}, {kv_heads}, {slots}, {head_dim}]")
+    return (sum(BYTES[t] * math.prod(int(d) for d in dims.split(",")) for t, dims in found),
+            sorted({t for t, _ in found}))
+
+
+def measure(model_state, graphdef, a, rows: int, mesh, cfg) -> dict:
     s = Sampler(max_new_tokens=a.new, temperature=1.0, num_samples=a.samples,
                 cache_rows=rows or None, eos_id=0, mesh=mesh)
     here = NamedSharding(mesh, PartitionSpec())
@@ -66,21 +94,35 @@ def measure(model_state, graphdef, a, rows: int, mesh) -> dict:
     ids = jax.ShapeDtypeStruct((a.prompts, a.prompt_len), jnp.int32, sharding=here)
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=here)
+    on_tpu = mesh.devices.flat[0].platform == "tpu"
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), (attention.compiling_for("tpu") if on_tpu
+                              else contextlib.nullcontext()):
         compiled = s._jit.lower(graphdef, state, ids, ids, key).compile()
     m = compiled.memory_analysis()
+    units = a.prompts * a.samples
+    width = a.prompt_len + a.new - 1  # a row's slots; with refills, the engine's slack too
+    slots = width + cache_slack(width, continuous=0 < rows < units)
+    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
+    kv, dtypes = loop_cache(compiled.as_text(), min(rows or units, units), cfg.num_kv_heads,
+                            slots, head_dim)
+    if kv > min(rows or units, units) * slots * cfg.num_layers * 2 * cfg.num_kv_heads * \
+            head_dim * 4:
+        raise SystemExit(f"cache_rows {rows}: the loop carries more cache-shaped arrays than a "
+                         "float32 KV cache of every layer")
     return dict(cache_rows=rows, compile_s=round(time.perf_counter() - t0, 1),
                 arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
                 temporaries=m.temp_size_in_bytes,
                 total=m.argument_size_in_bytes + m.output_size_in_bytes
-                - m.alias_size_in_bytes + m.temp_size_in_bytes)
+                - m.alias_size_in_bytes + m.temp_size_in_bytes,
+                kv_cache_dtypes=dtypes, kv_cache_bytes=kv)
 
 
 def main() -> None:
     a = parse()
     c = base_config()
-    c.model.source, c.model.dtype = a.shape, "float32"
+    c.model.source, c.model.dtype, c.model.attention = a.shape, "float32", a.attention
+    c.model.scan_layers = a.scan_layers
     make, cfg, _ = decoder_fn(c)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
@@ -89,23 +131,22 @@ def main() -> None:
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[chip])
     rows = []
     for r in (int(x) for x in a.cache_rows.split(",")):
-        rows.append(measure(state, graphdef, a, r, mesh))
-        width = a.prompt_len + a.new - 1  # a row's slots; with refills, the engine's slack too
-        slots = width + cache_slack(width, continuous=0 < r < units)
-        rows[-1]["kv_cache_bytes"] = min(r or units, units) * slots * kv_bytes_per_slot(cfg)
+        rows.append(measure(state, graphdef, a, r, mesh, cfg))
         print(f"cache_rows {r}: {rows[-1]}", flush=True)
 
     print(f"rollout: {a.prompts} prompts x {a.samples} samples, prompt {a.prompt_len}, new "
           f"{a.new}; {params / 1e6:.0f} M float32 parameters ({Path(a.shape).name}); compiled "
-          f"for one {chip.device_kind} chip")
-    print("| cache_rows | KV cache GB | arguments GB | temporaries GB | total GB |")
+          f"for one {chip.device_kind} chip; attention {a.attention}, scan_layers {a.scan_layers}")
+    print("| cache_rows | KV cache GB (dtype) | arguments GB | temporaries GB | total GB |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['cache_rows'] or 'all (' + str(units) + ')'} | {r['kv_cache_bytes'] / GB:.2f}"
+              f" ({'+'.join(r['kv_cache_dtypes'])})"
               f" | {r['arguments'] / GB:.2f} | {r['temporaries'] / GB:.2f} | "
               f"{r['total'] / GB:.2f} |")
     write(dict(benchmark="rollout_memory", shape=Path(a.shape).name, params=params,
-               compiled_for=f"{chip.device_kind} ({a.topology})",
+               compiled_for=f"{chip.device_kind} ({a.topology})", attention=a.attention,
+               scan_layers=a.scan_layers,
                sizes=dict(prompts=a.prompts, samples=a.samples, prompt_len=a.prompt_len,
                           new=a.new), rows=rows, machine=machine()), a.out)
 
