@@ -72,11 +72,10 @@ def attend_cached(q: Array, k: Array, v: Array, *, key_mask: Array, q_start: Arr
     "splash", which needs a static q_start and a cache's is traced: "blockwise" there.
     """
     ks, vs = k.swapaxes(1, 2), v.swapaxes(1, 2)
+    _check(q, ks, vs, key_mask, window, impl)  # on the "xla" path the transposes are dead code
     if impl != "xla" and q.shape[1] > 1:
         return attend(q, ks, vs, key_mask=key_mask, q_start=q_start, window=window,
                       scale=scale, impl="blockwise" if impl == "splash" else impl)
-    impl = "xla"
-    _check(q, ks, vs, key_mask, window, impl)  # shapes only: the transposes are dead code
     return kvc.attend_heads(q, k, v, allowed(key_mask, q_start, q.shape[1], window), scale)
 
 

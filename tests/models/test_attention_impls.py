@@ -231,6 +231,9 @@ def test_bad_input_fails_with_names():
     ok = dict(key_mask=jnp.ones((1, 4)), q_start=0, scale=0.3)
     with pytest.raises(ValueError, match="impl='flash' is not one of"):
         attention.attend(q, k, v, **ok, impl="flash")
+    with pytest.raises(ValueError, match="impl='flash' is not one of"):  # a decode step too
+        attention.attend_cached(q[:, :1], k.swapaxes(1, 2), v.swapaxes(1, 2), **ok,
+                                impl="flash")
     with pytest.raises(ValueError, match="key_mask must be"):
         attention.attend(q, k, v, **(ok | dict(key_mask=jnp.ones((1, 5)))))
     with pytest.raises(ValueError, match="multiple of kv heads"):
