@@ -101,13 +101,12 @@ def measure(model_state, graphdef, a, rows: int, mesh, cfg) -> dict:
         compiled = s._jit.lower(graphdef, state, ids, ids, key).compile()
     m = compiled.memory_analysis()
     units = a.prompts * a.samples
+    held = min(rows or units, units)  # rows the cache holds
     width = a.prompt_len + a.new - 1  # a row's slots; with refills, the engine's slack too
-    slots = width + cache_slack(width, continuous=0 < rows < units)
+    slots = width + cache_slack(width, continuous=held < units)
     head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
-    kv, dtypes = loop_cache(compiled.as_text(), min(rows or units, units), cfg.num_kv_heads,
-                            slots, head_dim)
-    if kv > min(rows or units, units) * slots * cfg.num_layers * 2 * cfg.num_kv_heads * \
-            head_dim * 4:
+    kv, dtypes = loop_cache(compiled.as_text(), held, cfg.num_kv_heads, slots, head_dim)
+    if kv > held * slots * cfg.num_layers * 2 * cfg.num_kv_heads * head_dim * 4:
         raise SystemExit(f"cache_rows {rows}: the loop carries more cache-shaped arrays than a "
                          "float32 KV cache of every layer")
     return dict(cache_rows=rows, compile_s=round(time.perf_counter() - t0, 1),
