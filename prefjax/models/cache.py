@@ -118,8 +118,22 @@ def shift(cache: KVCache, d: int) -> KVCache:
     window), and positions come from the mask, so a shift changes no output as long as no
     row needs the dropped slots.
     """
-    k, v = _kv_map(lambda x: _pad_slots(x[..., d:, :], 0, d), cache)
+    k, v = _kv_map(lambda x: _shift_slots(x, d), cache)
     return KVCache(k, v, jnp.pad(cache.mask[:, d:], ((0, 0), (0, d))), cache.index - d)
+
+
+def _shift_slots(x: Array, d: int) -> Array:
+    """`x` with its slots moved `d` to the left; a stacked [layers, ...] buffer one layer at a
+    time, in place: shifted whole, it needed a second buffer the size of the whole cache (the
+    TPU compiler held it through the engine's decode loop, benchmarks/rollout_memory.py)."""
+    if x.ndim == 4:
+        return _pad_slots(x[..., d:, :], 0, d)
+
+    def one(i, x):
+        layer = jax.lax.dynamic_index_in_dim(x, i, keepdims=True)
+        return jax.lax.dynamic_update_slice_in_dim(x, _pad_slots(layer[..., d:, :], 0, d), i, 0)
+
+    return jax.lax.fori_loop(0, x.shape[0], one, x)
 
 
 def positions_from_mask(attention_mask: Array) -> Array:

@@ -259,6 +259,39 @@ def test_sampler_draws_the_same_tokens_from_the_scanned_model(name, reference):
     np.testing.assert_allclose(np.asarray(b.logps), np.asarray(a.logps), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["qwen2_gqa_tied", "mistral_window"])
+def test_continuous_batching_draws_the_same_tokens_from_the_scanned_model(name, reference):
+    """Refills and whole-cache shifts (`cache.shift`, layer by layer on a stacked cache) give
+    the scanned model the loop model's tokens: 6 (prompt, sample) units through 2 cache rows
+    of 6 + 8 + 11 slots, so the shared write index reaches the end and shifts several times."""
+    loop, _ = reference(name)
+    prompt, pmask = prompt_and_steps(seed=3)
+    key = jax.random.key(1)
+    settings = dict(max_new_tokens=12, num_samples=2, cache_rows=2, greedy=False)
+    a = sample(loop, prompt, pmask, key, **settings)
+    b = sample(scanned_copy(loop), prompt, pmask, key, **settings)
+    assert int(np.asarray(a.lengths).sum()) > 2 * (6 + 8 + 11)  # more steps than slots
+    np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
+    np.testing.assert_allclose(np.asarray(b.logps), np.asarray(a.logps), atol=1e-5)
+
+
+def test_shift_moves_a_stacked_cache_like_its_layers():
+    from prefjax.models import cache as kvc
+    r = np.random.default_rng(0)
+    k, v = (jnp.asarray(r.normal(size=(3, 2, 1, 7, 4)), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(r.integers(0, 2, (2, 7)), jnp.int32)
+    stacked = kvc.KVCache(k, v, mask, jnp.asarray(7, jnp.int32))
+    per_layer = stacked._replace(k=tuple(k), v=tuple(v))
+    got, want = jax.jit(kvc.shift, static_argnums=1)(stacked, 3), kvc.shift(per_layer, 3)
+    for a, b, before in ((got.k, want.k, k), (got.v, want.v, v)):
+        a = np.asarray(a)
+        np.testing.assert_array_equal(a, np.stack(b))
+        np.testing.assert_array_equal(a[..., :4, :], np.asarray(before)[..., 3:, :])
+        assert not a[..., 4:, :].any()  # free slots at the end
+    np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(want.mask))
+    assert int(got.index) == int(want.index) == 4
+
+
 @pytest.mark.parametrize("cls", [L.LlamaConfig, G.GPT2Config])
 @pytest.mark.parametrize("field,value", [("remat_policy", "sometimes"),
                                          ("attention_impl", "magic"), ("scan_layers", "yes")])
