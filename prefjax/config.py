@@ -95,6 +95,10 @@ def base_config() -> ConfigDict:
     # prefills only the last p / 2^i prompt columns that hold the prompt (one program per bucket)
     c.online.cache_rows = 0
     c.online.prefill_buckets = 1
+    # gather the parameters over mesh.fsdp once per rollout instead of every layer's weights at
+    # every decode step (each device then holds the whole model for the rollout; see
+    # prefjax.sampling.Sampler's gather_params)
+    c.online.gather_params = False
     # score policy, old-policy and reference log-probs at T, i.e. from logits / T, the
     # distribution the samples came from (TRL's PPO/GRPO/RLOO); False = at T = 1 (TRL's online
     # DPO; prefjax before this field). Only matters when temperature != 1.

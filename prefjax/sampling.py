@@ -42,7 +42,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prefjax.models import cache as kvc
 from prefjax.models.cache import KVCache
-from prefjax.parallel import DEFAULT_RULES, Rules, batch_sharding, logical_to_spec
+from prefjax.parallel import (
+    DEFAULT_RULES,
+    Rules,
+    batch_sharding,
+    logical_to_spec,
+    param_shardings,
+    rules_for,
+)
 from prefjax.token_choice import pick
 
 Array = jax.Array
@@ -112,6 +119,13 @@ class Sampler:
         of the left-padded prompt for the smallest i < prefill_buckets that holds its real
         tokens (one compiled prefill per bucket), so short prompts cost less than p.
     cache_dtype: KV cache dtype (default: the model's compute dtype).
+    gather_params: with a mesh whose "fsdp" axis splits the parameters (the trainer's FSDP
+        layout), gather them over "fsdp" once per call, before the loops. Left split (False,
+        the default), the compiler gathers every layer's weights again at every decode step:
+        all the weights cross the interconnect per token, where gathered once they cross it
+        once per rollout. Gathered, each chip holds the whole model (split over "tensor" only)
+        for the call: Qwen2.5-0.5B's rollout on 4 v5e chips needs no more memory, Llama-3-8B's
+        no longer fits them (benchmarks/README.md, "Parameters split over fsdp").
 
     `traces` counts how often the generation function was traced (= compiled).
     """
@@ -121,7 +135,8 @@ class Sampler:
                  eos_id: int | Sequence[int] | None = None, pad_id: int = 0,
                  num_samples: int = 1, cache_rows: int | None = None,
                  mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-                 prompt_multiple: int = 1, prefill_buckets: int = 1, cache_dtype=None):
+                 prompt_multiple: int = 1, prefill_buckets: int = 1, cache_dtype=None,
+                 gather_params: bool = False):
         if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if not greedy and not temperature > 0:
@@ -151,6 +166,7 @@ class Sampler:
         self.cache_rows = None if cache_rows is None else int(cache_rows)
         self.prompt_multiple, self.cache_dtype = int(prompt_multiple), cache_dtype
         self.prefill_buckets = int(prefill_buckets)
+        self.gather_params = bool(gather_params)
         self.traces = 0
         self._jit = jax.jit(self._generate, static_argnums=0)
 
@@ -229,6 +245,20 @@ class Sampler:
         spec = logical_to_spec(names, self.mesh, self.rules, x.shape)
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
+    def _gathered(self, model: nnx.Module) -> nnx.Module:
+        """`model` with every parameter split over "fsdp" gathered over it (still split over
+        "tensor" as `rules` place it), once per call, before the loops."""
+        if self.mesh is None or not self.gather_params or self.mesh.shape["fsdp"] == 1:
+            return model
+        state = nnx.state(model)
+        # the "tp" strategy's rules: parameters keep every axis of `rules` but "fsdp"
+        target = param_shardings(state, self.mesh, rules_for("tp", self.rules))
+        nnx.update(model, jax.tree.map(
+            lambda x, sh: x.replace(jax.lax.with_sharding_constraint(x.get_value(),
+                                                                     sh.get_value())),
+            state, target, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+        return model
+
     def _shard_cache(self, cache: KVCache) -> KVCache:
         """Keep the cache split like the batch (and kv heads like the k/v projections)."""
         names = ("layers", "batch", "kv_heads", "seq", "head_dim")
@@ -238,7 +268,7 @@ class Sampler:
 
     def _generate(self, graphdef, state, ids: Array, mask: Array, key: Array) -> Samples:
         self.traces += 1  # runs only while tracing
-        model = nnx.merge(graphdef, state)
+        model = self._gathered(nnx.merge(graphdef, state))
         q, p = ids.shape
         k, n = self.num_samples, self.max_new_tokens
         units = q * k  # unit u = sample u % k of prompt u // k

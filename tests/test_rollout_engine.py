@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from prefjax.parallel import make_mesh, param_shardings
+from prefjax.parallel import batch_sharding, make_mesh, param_shardings
 from prefjax.sampling import Sampler
 from prefjax.train.build import eos_ids
 from tests.test_sampling import (
@@ -153,7 +153,8 @@ def test_generated_reference_samples_end_at_any_eos_id(llama):
     assert sum(cut) >= 2  # the several ids really stopped rows early
 
 
-def test_continuous_sharded_8_devices_equals_single_device(llama):
+@pytest.mark.parametrize("gather_params", [False, True])
+def test_continuous_sharded_8_devices_equals_single_device(llama, gather_params):
     model = llama
     ids, mask = prompts(LENS16[:8], seed=15)
     key = jax.random.key(3)
@@ -161,7 +162,8 @@ def test_continuous_sharded_8_devices_equals_single_device(llama):
     graphdef, state = nnx.split(model)
     sharded = nnx.merge(graphdef, jax.device_put(state, param_shardings(state, mesh8)))
     one = Sampler(num_samples=2, cache_rows=4, **KW)(model, ids, mask, key)
-    out = Sampler(num_samples=2, cache_rows=4, mesh=mesh8, **KW)(sharded, ids, mask, key)
+    out = Sampler(num_samples=2, cache_rows=4, mesh=mesh8, gather_params=gather_params,
+                  **KW)(sharded, ids, mask, key)
     assert len(out.tokens.sharding.device_set) == 8
     assert_same(out, one)
 
@@ -206,21 +208,44 @@ def test_tied_unembedding_is_not_copied_through_the_tpu_decode_loop(v, d, rows):
     assert m.temp_size_in_bytes < 0.25 * v * d * 4, m.temp_size_in_bytes / (v * d * 4)
 
 
-def compile_engine_for_v5e(cfg, rows: int | None):
+def compile_engine_for_v5e(cfg, rows: int | None, *, fsdp: int = 1, **settings):
     """The engine's whole generation for a Llama of `cfg` (abstract weights), 4 prompts of 8
-    tokens x 2 samples, compiled for one abstract v5e chip (libtpu, no TPU needed)."""
+    tokens x 2 samples, compiled for `fsdp` abstract v5e chips (libtpu, no TPU needed): the
+    parameters split over them as a trainer places them, the prompts too."""
     from prefjax.models import attention
     from prefjax.models.llama import Llama
     from prefjax.plan import topology_devices  # sets ALLOW_MULTIPLE_LIBTPU_LOAD itself
     g, st = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
-    mesh = make_mesh({"data": 1}, devices=topology_devices("v5e:2x2")[0][:1])
+    mesh = make_mesh({"data": 1, "fsdp": fsdp}, devices=topology_devices("v5e:2x2")[0][:fsdp])
     here = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here)  # noqa: E731
+    spec = lambda x, sh=here: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
+    placed = jax.tree.map(lambda v, sh: spec(v.get_value(), sh.get_value()), st,
+                          param_shardings(st, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
     key = spec(jax.eval_shape(lambda: jax.random.key(0)))
-    ids = spec(jax.ShapeDtypeStruct((4, 8), np.int32))
-    s = Sampler(max_new_tokens=4, num_samples=2, cache_rows=rows, mesh=mesh)
+    ids = spec(jax.ShapeDtypeStruct((4, 8), np.int32), batch_sharding(mesh))
+    s = Sampler(max_new_tokens=4, num_samples=2, cache_rows=rows, mesh=mesh, **settings)
     with jax.set_mesh(mesh), attention.compiling_for("tpu"):
-        return s._jit.lower(g, jax.tree.map(spec, st), ids, ids, key).compile()
+        return s._jit.lower(g, placed, ids, ids, key).compile()
+
+
+@pytest.mark.parametrize("rows", [None, 4])
+def test_gathered_parameters_leave_the_decode_loop_without_weight_gathers(rows):
+    """Parameters split over "fsdp" (a trainer's FSDP layout, here over 4 abstract v5e chips):
+    left split, the compiled decode loop gathers every layer's weights at every step; with
+    gather_params they are gathered once before it, and the loop's collectives move only
+    per-row values (tokens, flags), not weights."""
+    from prefjax import compiled
+    from prefjax.models.llama import LlamaConfig
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
+                      num_heads=4, num_kv_heads=2)
+    layer = 2 * (256 * 256 + 256 * 128 + 3 * 256 * 512)  # one layer's weights in bf16
+    moved = {}
+    for gather in (False, True):
+        hlo = compile_engine_for_v5e(cfg, rows, fsdp=4, gather_params=gather).as_text()
+        loop = compiled.loop_carrying(hlo, r"\w+\[\d+,2,\d+,64\]")  # the decode loop (KV cache)
+        moved[gather] = compiled.collectives(hlo, loop)["all-gather"]["bytes"]
+    assert moved[False] >= cfg.num_layers * layer, moved
+    assert moved[True] < 0.01 * layer, moved
 
 
 @pytest.mark.parametrize("scan", [False, True])

@@ -245,7 +245,8 @@ def test_compiles_once_per_bucket(llama):
     assert not np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
 
 
-def test_sharded_8_devices_equals_single_device(llama):
+@pytest.mark.parametrize("gather_params", [False, True])
+def test_sharded_8_devices_equals_single_device(llama, gather_params):
     ids, mask = prompts()
     mesh8 = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:8])
     graphdef, state = nnx.split(llama)
@@ -254,7 +255,8 @@ def test_sharded_8_devices_equals_single_device(llama):
     kernel = sharded.layers[0].mlp.up.kernel[...]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     outs = [GREEDY(llama, ids, mask),  # one device
-            Sampler(max_new_tokens=N, greedy=True, mesh=mesh8)(sharded, ids, mask)]
+            Sampler(max_new_tokens=N, greedy=True, mesh=mesh8,
+                    gather_params=gather_params)(sharded, ids, mask)]
     assert len(outs[1].tokens.sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
     np.testing.assert_allclose(np.asarray(outs[0].logps), np.asarray(outs[1].logps), atol=1e-5)

@@ -217,6 +217,7 @@ def make_rollout(c: ConfigDict, rec: Algorithm, reference: nnx.Module, scorer: C
         s = sample(model, ids, mask, step_key(state), max_new_tokens=o.max_new_tokens,
                    temperature=o.temperature, top_k=o.top_k, top_p=float(o.top_p),
                    cache_rows=o.cache_rows or None, prefill_buckets=o.prefill_buckets,
+                   gather_params=bool(o.gather_params),
                    eos_id=eos_id, pad_id=pad_id, mesh=mesh, num_samples=k)
         if k > 1:
             ids, mask = _repeat(ids, mask, k, mesh)

@@ -46,8 +46,10 @@ def test_bad_group_settings_fail_at_start_naming_the_field():
             check_online(c, records.get("grpo"))
 
 
-def grpo_rollouts(tmp_path, monkeypatch, name: str, **online) -> tuple[list, list[dict]]:
-    """(sampled tokens of each rollout [k * B, n], metric records) of a 2-step GRPO smoke run."""
+def grpo_rollouts(tmp_path, monkeypatch, name: str, seen: list | None = None, **online
+                  ) -> tuple[list, list[dict]]:
+    """(sampled tokens of each rollout [k * B, n], metric records) of a 2-step GRPO smoke run;
+    `seen` collects the sampler settings of each rollout."""
     from prefjax.main import run
     from prefjax.pipeline import rollouts
     from prefjax.sampling import sample
@@ -57,6 +59,8 @@ def grpo_rollouts(tmp_path, monkeypatch, name: str, **online) -> tuple[list, lis
     def recording(*args, **kwargs):
         s = sample(*args, **kwargs)
         tokens.append(np.asarray(s.tokens))
+        if seen is not None:
+            seen.append(kwargs)
         return s
 
     monkeypatch.setattr(rollouts, "sample", recording)
@@ -71,15 +75,20 @@ def grpo_rollouts(tmp_path, monkeypatch, name: str, **online) -> tuple[list, lis
 
 @pytest.mark.slow
 def test_rollout_engine_settings_reach_the_sampler(tmp_path, monkeypatch):
-    """online.top_k / cache_rows / prefill_buckets drive the trainer's sampler: with top_k=1
-    the k samples of each prompt are one greedy response (rows are sample-major), which full
-    sampling never gives here; continuous batching over 3 cache rows with 2 prefill buckets
-    samples the same tokens as all rows at once, so the runs log the same metrics."""
-    k = load_config(ROOT / "configs" / "grpo_synthetic.py", "smoke").online.num_generations
+    """online.top_k / cache_rows / prefill_buckets / gather_params drive the trainer's
+    sampler: with top_k=1 the k samples of each prompt are one greedy response (rows are
+    sample-major), which full sampling never gives here; continuous batching over 3 cache rows
+    with 2 prefill buckets and the parameters gathered over fsdp samples the same tokens as all
+    rows at once, so the runs log the same metrics."""
+    c = load_config(ROOT / "configs" / "grpo_synthetic.py", "smoke")
+    k = c.online.num_generations
+    assert not c.online.gather_params
     base, base_recs = grpo_rollouts(tmp_path, monkeypatch, "base")
     top1, _ = grpo_rollouts(tmp_path, monkeypatch, "top1", top_k=1)
-    cont, cont_recs = grpo_rollouts(tmp_path, monkeypatch, "cont", cache_rows=3,
-                                    prefill_buckets=2)
+    seen = []
+    cont, cont_recs = grpo_rollouts(tmp_path, monkeypatch, "cont", seen, cache_rows=3,
+                                    prefill_buckets=2, gather_params=True)
+    assert [kw["gather_params"] for kw in seen] == [True] * len(cont)
     assert len(base) == len(top1) == len(cont) == 2
     for t1, t0, tc in zip(top1, base, cont, strict=True):
         groups1, groups0 = t1.reshape(k, -1, t1.shape[-1]), t0.reshape(k, -1, t0.shape[-1])
