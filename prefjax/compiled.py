@@ -16,7 +16,9 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 _COMPUTATION = re.compile(r"^(?:ENTRY )?(%[\w.\-]+) ", re.M)
 _CALLED = re.compile(r"(?:body|condition|calls|to_apply)=(%[\w.\-]+)"
                      r"|branch_computations=\{([^}]*)\}")
-_RESULT = re.compile(r"=\s+(\w+)\[([\d,]*)\][^ ]*\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+# an op with one array result (XLA CPU's collectives, and those inside the TPU compiler's async
+# collective fusions); the tuple results of `*-start` ops are not counted
+_RESULT = re.compile(r"=\s+(\w+)\[([\d,]*)\][^ ]*\s+(" + "|".join(COLLECTIVES) + r")\(")
 
 
 def computations(hlo: str) -> dict[str, str]:
