@@ -82,19 +82,21 @@ def parse() -> argparse.Namespace:
 
 
 def loop_cache(hlo: str, rows: int, kv_heads: int, slots: int, head_dim: int
-               ) -> tuple[int, list[str]]:
-    """(bytes, dtypes) of the KV cache as the compiled decode loop carries it: the arrays
-    shaped [(layers,) rows, kv_heads, slots, head_dim] in the result of the `while` of the
-    program's text that carries most of them. The compiler picks each buffer's dtype: the TPU
-    compiler may store one layer's cache in bf16 and another's in float32."""
-    shape = re.compile(rf"\b(\w+)\[((?:\d+,)?{rows},{kv_heads},{slots},{head_dim})\]")
-    loops = [shape.findall(line.split(" while(")[0]) for line in hlo.splitlines()
-             if " while(" in line]
-    found = max(loops, key=len, default=[])
-    if not found:
+               ) -> tuple[str, int, list[str]]:
+    """(body, bytes, dtypes) of the compiled decode loop and the KV cache as it carries it:
+    the arrays shaped [(layers,) rows, kv_heads, slots, head_dim] that the outermost `while`
+    carrying most of them holds (`prefjax.compiled.loop_carrying`). The compiler picks each
+    buffer's dtype: the TPU compiler may store one layer's cache in bf16 and another's in
+    float32."""
+    shape = rf"\b(\w+)\[((?:\d+,)?{rows},{kv_heads},{slots},{head_dim})\]"
+    try:
+        body = hlo_text.loop_carrying(hlo, shape)
+    except ValueError:
         raise SystemExit("no while loop of the compiled program carries a KV cache of shape "
-                         f"[{rows}, {kv_heads}, {slots}, {head_dim}]")
-    return (sum(BYTES[t] * math.prod(int(d) for d in dims.split(",")) for t, dims in found),
+                         f"[{rows}, {kv_heads}, {slots}, {head_dim}]") from None
+    found = re.findall(shape, hlo_text.whiles(hlo)[body])
+    return (body,
+            sum(BYTES[t] * math.prod(int(d) for d in dims.split(",")) for t, dims in found),
             sorted({t for t, _ in found}))
 
 
@@ -131,9 +133,7 @@ def measure(model_state, graphdef, a, rows: int, mesh, cfg) -> dict:
     held //= a.fsdp if held % a.fsdp == 0 else 1  # on each chip
     head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
     hlo = compiled.as_text()
-    kv, dtypes = loop_cache(hlo, held, cfg.num_kv_heads, slots, head_dim)
-    loop = hlo_text.loop_carrying(hlo, rf"\w+\[(?:\d+,)?{held},{cfg.num_kv_heads},{slots},"
-                                       rf"{head_dim}\]")
+    loop, kv, dtypes = loop_cache(hlo, held, cfg.num_kv_heads, slots, head_dim)
     moved = hlo_text.collectives(hlo, loop)
     if kv > held * slots * cfg.num_layers * 2 * cfg.num_kv_heads * head_dim * 4:
         raise SystemExit(f"cache_rows {rows}: the loop carries more cache-shaped arrays than a "

@@ -28,21 +28,28 @@ def computations(hlo: str) -> dict[str, str]:
     return {name: hlo[s:e] for (name, s), e in zip(starts, ends)}
 
 
+def whiles(hlo: str) -> dict[str, str]:
+    """{body computation's name: the type of what that `while` carries} for every `while`."""
+    found = {}
+    for line in hlo.splitlines():
+        body = re.search(r"body=(%[\w.\-]+)", line) if " while(" in line else None
+        if body:
+            found[body.group(1)] = line.split(" while(")[0]
+    return found
+
+
 def loop_carrying(hlo: str, shape: str) -> str:
     """The body computation's name of the outermost `while` among those whose carried tuple
     holds the most arrays matching `shape` (a regex over `dtype[dims]`, e.g.
     r"\\w+\\[32,2,767,64\\]"): the loop that holds the others (a decode loop, not the layer
     scan or refill loop inside it), i.e. the one whose body reaches the most computations."""
-    found = []
-    for line in hlo.splitlines():
-        body = re.search(r"body=(%[\w.\-]+)", line) if " while(" in line else None
-        if body:
-            found.append((len(re.findall(shape, line.split(" while(")[0])), body.group(1)))
-    most = max((n for n, _ in found), default=0)
+    counts = {body: len(re.findall(shape, carried)) for body, carried in whiles(hlo).items()}
+    most = max(counts.values(), default=0)
     if not most:
         raise ValueError(f"no while loop of the program carries an array like {shape}")
     comps = computations(hlo)
-    return max((b for n, b in found if n == most), key=lambda b: len(reachable(comps, b)))
+    return max((b for b, n in counts.items() if n == most),
+               key=lambda b: len(reachable(comps, b)))
 
 
 def reachable(comps: dict[str, str], root: str) -> list[str]:
